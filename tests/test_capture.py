@@ -1,0 +1,159 @@
+"""Conformance of capture across architectures, against HF ``output_hidden_states`` and float64
+references computed independently of mahals (plain HF forward passes, one text at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mahals.arch import ADAPTERS, check_adapter
+from mahals.capture import capture
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hi",
+    "How do I bake bread at home without yeast?",
+    "Tell me a story about a robot that learns to paint, in three sentences.",
+    "ok",
+    "What is the boiling point of water at the top of Mount Everest?",
+    "A",
+    "Refuse politely.",
+    "Summarise the plot of Hamlet.",
+]
+
+
+_REFERENCE_CACHE: dict[tuple[int, str, str], torch.Tensor] = {}
+
+
+def _cached(kind: str):
+    def decorate(fn):
+        def wrapper(model, text):
+            key = (id(model.hf), kind, text)
+            if key not in _REFERENCE_CACHE:
+                _REFERENCE_CACHE[key] = fn(model, text)
+            return _REFERENCE_CACHE[key]
+
+        return wrapper
+
+    return decorate
+
+
+@_cached("hidden_states")
+def hf_states(model, text: str) -> torch.Tensor:
+    """HF hidden states of one unpadded text: ``[L + 1, tokens, d]`` float64 (index 0 = embeddings)."""
+    enc = model.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.hf(**enc, output_hidden_states=True)
+    return torch.stack(out.hidden_states)[:, 0].double()
+
+
+@_cached("last_block")
+def hf_last_block_output(model, text: str) -> torch.Tensor:
+    """Output of the last decoder layer via a plain torch hook: ``[tokens, d]`` float64."""
+    seen = []
+    layer = model.adapter.decoder_layers(model.hf)[-1]
+    handle = layer.register_forward_hook(
+        lambda _m, _i, out: seen.append(model.adapter.unwrap(out).clone())
+    )
+    try:
+        with torch.no_grad():
+            model.hf(**model.tokenizer(text, return_tensors="pt"))
+    finally:
+        handle.remove()
+    return seen[0][0].double()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rel, atol=rel * scale)
+
+
+def test_adapter_table_matches_live_models(tiny_model):
+    adapter = check_adapter(tiny_model.hf)
+    assert adapter is ADAPTERS[tiny_model.config.model_type]
+    assert tiny_model.architecture == tiny_model.config.model_type
+
+
+def test_pool_none_equals_hf_hidden_states(tiny_model):
+    acts = capture(tiny_model, TEXTS[:3], pool="none", batch_size=3)
+    for i, text in enumerate(TEXTS[:3]):
+        states = hf_states(tiny_model, text)
+        ours = acts.per_text[i]
+        assert ours.shape == (tiny_model.n_layers, states.shape[1], tiny_model.d_model)
+        for layer in range(tiny_model.n_layers - 1):
+            assert_close(ours[layer], states[layer + 1])
+        # HF's last hidden state is taken after the final norm; mahals' last layer is the
+        # block output before it: both the hook reference and norm(ours) must agree.
+        assert_close(ours[-1], hf_last_block_output(tiny_model, text))
+        final_norm = tiny_model.hf.get_submodule(tiny_model.adapter.final_norm)
+        with torch.no_grad():
+            assert_close(final_norm(ours[-1].float()), states[-1])
+
+
+@pytest.mark.parametrize("pool", ["mean", "last", "first"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_pooling_matches_float64_reference(tiny_model, pool, padding_side):
+    acts = capture(tiny_model, TEXTS, pool=pool, batch_size=4, padding_side=padding_side)
+    assert acts.tensor.shape == (len(TEXTS), tiny_model.n_layers, tiny_model.d_model)
+    assert acts.tensor.dtype == torch.float32 and acts.tensor.device.type == "cpu"
+    for i, text in enumerate(TEXTS):
+        blocks = hf_states(tiny_model, text)[1:].clone()
+        blocks[-1] = hf_last_block_output(tiny_model, text)
+        expected = {"mean": blocks.mean(1), "last": blocks[:, -1], "first": blocks[:, 0]}[pool]
+        assert_close(acts.tensor[i], expected)
+    assert acts.n_tokens.tolist() == [len(tiny_model.tokenizer(t)["input_ids"]) for t in TEXTS]
+
+
+def test_batch_size_and_padding_side_do_not_change_results(tiny_model):
+    one = capture(tiny_model, TEXTS, batch_size=1).tensor
+    seven = capture(tiny_model, TEXTS, batch_size=7, padding_side="left").tensor
+    # Different batch shapes take different matmul paths, so equality is to float32 rounding.
+    assert_close(seven, one, rel=1e-5)
+
+
+def test_layer_subset_and_negative_indices(tiny_model):
+    full = capture(tiny_model, TEXTS[:4], batch_size=2)
+    sub = capture(tiny_model, TEXTS[:4], layers=[-1, 0], batch_size=2)
+    assert sub.layers == (0, tiny_model.n_layers - 1)
+    torch.testing.assert_close(sub.tensor[:, 0], full.tensor[:, 0])
+    torch.testing.assert_close(sub.at_layer(-1), full.tensor[:, -1])
+
+
+def test_pretokenised_and_padded_mappings_match_texts(tiny_model):
+    tok = tiny_model.tokenizer
+    from_texts = capture(tiny_model, TEXTS[:4], pool="last")
+    ids = [tok(t)["input_ids"] for t in TEXTS[:4]]
+    from_ids = capture(tiny_model, ids, pool="last")
+    tok.padding_side = "left"
+    padded = tok(TEXTS[:4], padding=True, return_tensors="pt")
+    from_mapping = capture(tiny_model, dict(padded), pool="last")
+    torch.testing.assert_close(from_ids.tensor, from_texts.tensor)
+    assert_close(from_mapping.tensor, from_texts.tensor, rel=1e-5)
+
+
+def test_chat_inputs_use_the_template(tiny_model):
+    tok = tiny_model.tokenizer
+    messages = [[{"role": "user", "content": t}] for t in TEXTS[:2]]
+    rendered = [tok.apply_chat_template(m, tokenize=False) for m in messages]
+    via_chat = capture(tiny_model, messages, pool="mean")
+    via_strings = capture(tiny_model, TEXTS[:2], chat=True, pool="mean")
+    reference = capture(
+        tiny_model, [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+    )
+    torch.testing.assert_close(via_chat.tensor, reference.tensor)
+    torch.testing.assert_close(via_strings.tensor, reference.tensor)
+
+
+def test_bad_inputs_are_named(tiny_model):
+    with pytest.raises(ValueError, match="empty list"):
+        capture(tiny_model, [])
+    with pytest.raises(IndexError, match=r"layers \[7\] out of range .* 3 layers"):
+        capture(tiny_model, TEXTS[:1], layers=[0, 7])
+    with pytest.raises(ValueError, match=r"rows \[1\] are empty"):
+        capture(tiny_model, ["fine", "   "])
+    with pytest.raises(TypeError, match="not one string"):
+        capture(tiny_model, "a single string")
+    # Without beartype the ValueError names the pool; under the test-time type checker the
+    # Literal annotation rejects it first.
+    with pytest.raises((ValueError, TypeError), match="max"):
+        capture(tiny_model, TEXTS[:1], pool="max")
