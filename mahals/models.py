@@ -289,11 +289,12 @@ def load_model(
         resolved, spec = _resolve_source(name, registry)
         if isinstance(resolved, Path) and resolved.suffix == ".gguf":
             resolved = _dequantised_checkpoint(resolved)
-        attn = attn_implementation or _default_attn_implementation(device)
-        if not isinstance(resolved, Path) or (resolved / "config.json").is_file():
-            attn = attn_implementation_for(AutoConfig.from_pretrained(resolved).model_type, attn)
         placement = {"device_map": device_map} if device_map is not None else {}
         try:
+            config = AutoConfig.from_pretrained(resolved)
+            attn = attn_implementation_for(
+                config.model_type, attn_implementation or _default_attn_implementation(device)
+            )
             hf_model = AutoModelForCausalLM.from_pretrained(
                 resolved, dtype=dtype, attn_implementation=attn, **placement
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
 import beartype  # noqa: F401  (must be imported before nnsight, which patches builtins it hashes)
 from jaxtyping import install_import_hook
 

