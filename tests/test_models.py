@@ -192,4 +192,4 @@ def test_free_returns_gpu_memory(tiny_tokenizer):
     model.free()
     assert torch.cuda.memory_allocated() - before < 1e6
     with pytest.raises(RuntimeError, match="was freed"):
-        held.hf
+        _ = held.hf
