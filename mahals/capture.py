@@ -203,7 +203,10 @@ def _pad(batch: list[list[int]], pad_id: int, side: str, device: torch.device):
         ids[row, span] = torch.tensor(seq)
         mask[row, span] = 1
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), position_ids.to(device)
+    if device.type != "cuda":
+        return ids, mask, position_ids
+    # Pinned + non_blocking: a pageable copy would wait for the GPU to finish the previous batch.
+    return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, position_ids))
 
 
 def _pool(hidden: Tensor, pool: str, weights: Tensor, last: Tensor, first: Tensor) -> Tensor:
@@ -274,11 +277,9 @@ def capture(
                 per_text[index] = stacked[row][:, mask[row].bool()].float().cpu()
         return TokenActivations(per_text, sequences, layer_ids, model.name)
 
-    pinned = device.type == "cuda"
-    out = torch.empty(
-        (len(sequences), len(layer_ids), model.d_model), dtype=torch.float32, pin_memory=pinned
-    )
-    in_flight: tuple[list[int], Tensor] | None = None
+    on_cuda = device.type == "cuda"
+    out = torch.empty((len(sequences), len(layer_ids), model.d_model), dtype=torch.float32)
+    in_flight: _Staged | None = None
     with tqdm(
         total=len(sequences),
         disable=None if progress is None else not progress,
@@ -289,20 +290,39 @@ def capture(
             pooled, _ = _trace_batch(
                 model, [sequences[i] for i in batch], layer_ids, pool, pad_id, padding_side, device
             )
-            staged = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=pinned)
-            staged.copy_(pooled, non_blocking=pinned)
+            staged = _Staged.start(batch, pooled, on_cuda)
+            # Land the previous batch only now: its copy finished long ago, while this batch's
+            # kernels keep the GPU busy as the host prepares the next one.
             if in_flight is not None:
-                _land(out, *in_flight, pinned)
-            in_flight = (batch, staged)
+                in_flight.land(out)
+            in_flight = staged
             bar.update(len(batch))
-        _land(out, *in_flight, pinned)
+        in_flight.land(out)
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers)
 
 
-def _land(out: Tensor, rows: list[int], staged: Tensor, pinned: bool) -> None:
-    if pinned:
-        torch.cuda.current_stream().synchronize()
-    out[torch.tensor(rows)] = staged
+@dataclass
+class _Staged:
+    """A pooled batch on its way from the GPU into pinned host memory."""
+
+    rows: list[int]
+    host: Tensor
+    done: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, rows: list[int], pooled: Tensor, on_cuda: bool) -> _Staged:
+        if not on_cuda:
+            return cls(rows, pooled, None)
+        host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(pooled, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(rows, host, done)
+
+    def land(self, out: Tensor) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        out[torch.tensor(self.rows)] = self.host
 
 
 def _trace_batch(model, batch, layer_ids, pool, pad_id, padding_side, device):

@@ -53,13 +53,18 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ModelPair:
-    """A base model and its tuned sibling (instruction-tuned or DPO-tuned)."""
+    """A base model and its tuned sibling (instruction-tuned or DPO-tuned).
+
+    ``pairing`` fixes how both members see a conversation (see
+    :func:`mahals.data.format_pair_texts`) when the pair only makes sense one way.
+    """
 
     key: str
     display_name: str
     base: ModelSpec
     tuned: ModelSpec
     tuning: str = "instruct"
+    pairing: str | None = None
 
     def __post_init__(self) -> None:
         if (self.base.n_layers, self.base.d_model) != (self.tuned.n_layers, self.tuned.d_model):
@@ -132,6 +137,7 @@ def _parse(data: dict, origin: str, known_models: dict[str, ModelSpec]) -> Regis
             base=available[entry["base"]],
             tuned=available[entry["tuned"]],
             tuning=entry.get("tuning", "instruct"),
+            pairing=entry.get("pairing"),
         )
     return Registry(models, pairs, {k: list(v) for k, v in data.get("studies", {}).items()})
 

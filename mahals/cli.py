@@ -1,0 +1,32 @@
+"""``mahals`` command line: ``mahals phase1 …``, ``mahals phase2 …``, ``mahals demo``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+PHASES = {
+    "phase1": ("mahals.pipelines.phase1", "Phase 1: baseline AQI of instruct models"),
+    "phase2": ("mahals.pipelines.phase2", "Phase 2.1: extract steering vectors from base/tuned pairs"),
+    "demo": ("mahals.pipelines.demo", "offline demo: Phase 1 + Phase 2.1 on the small PyPI-shipped models"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mahals", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in PHASES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args.module).run_from_args(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
