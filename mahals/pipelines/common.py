@@ -3,22 +3,27 @@ seed's shape, and the model loader that tests and benchmarks replace with random
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from mahals.checkpoint import Checkpoint, CheckpointChoice
+import mahals
+from mahals.checkpoint import Checkpoint, CheckpointChoice, load_tensors, save_tensors
 from mahals.models import MahalsModel, load_model
 from mahals.registry import ModelSpec
 
 __all__ = [
     "RULE", "WIDE_RULE", "CheckpointedRun", "ModelLoader", "default_loader", "banner",
-    "print_device", "print_table", "run_checkpointed",
+    "print_device", "print_table", "run_checkpointed", "texts_sha256", "read_activation_cache",
+    "write_activation_cache", "loaded",
 ]
 
 RULE = "=" * 60
@@ -126,3 +131,51 @@ def _remove_interrupted_writes(folder: Path, *, recursive: bool) -> None:
     for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
         if path.is_file():
             path.unlink(missing_ok=True)
+
+
+ACTIVATION_KEY = "activations"
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    """A digest identifying an ordered list of texts (cache identity)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+    return digest.hexdigest()
+
+
+def read_activation_cache(path: Path, identity: Mapping[str, str], n_rows: int) -> torch.Tensor | None:
+    """The cached ``[n_rows, layer, d_model]`` block at ``path`` if its metadata matches
+    ``identity`` on every key; ``None`` (with a console note saying why) otherwise."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as handle:
+            stored = dict(handle.metadata() or {})
+    except Exception as error:  # an unreadable or truncated file is recomputed, not trusted
+        print(f"  cache {path.name} unreadable ({error}); recomputing")
+        return None
+    stale = [key for key, value in identity.items() if stored.get(key) != value]
+    if stale:
+        print(f"  cache {path.name} is stale ({', '.join(stale)} differ); recomputing")
+        return None
+    tensor = load_tensors(path).get(ACTIVATION_KEY)
+    if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
+        print(f"  cache {path.name} holds no [n={n_rows}, layer, d_model] block; recomputing")
+        return None
+    return tensor
+
+
+def write_activation_cache(path: Path, activations: torch.Tensor, identity: Mapping[str, str]) -> None:
+    """Save activations with their identity as safetensors metadata (atomic)."""
+    save_tensors(path, {ACTIVATION_KEY: activations}, {**identity, "mahals_version": mahals.__version__})
+
+
+@contextmanager
+def loaded(loader: ModelLoader, spec: ModelSpec) -> Iterator[MahalsModel]:
+    """The model of ``spec`` for the duration of a ``with`` block, freed afterwards."""
+    model = loader(spec)
+    try:
+        yield model
+    finally:
+        model.free()

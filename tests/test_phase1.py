@@ -1,0 +1,228 @@
+"""Phase 1 end to end on tiny random-weight checkpoints (shape tests, not findings): files in the
+seed's layout, numbers equal to an independent recomputation, cache reuse, crash and resume."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+import transformers
+
+from mahals.aqi import AQIReport, evaluate_activations
+from mahals.checkpoint import load_tensors
+from mahals.data import load_litmus
+from mahals.pipelines import phase1
+
+from conftest import tiny_config
+
+AXIOMS = ("Civility & Tolerance", "Wisdom & Knowledge", "Well-being & Peace")
+MODELS = {"tiny-llama-it": "llama", "tiny-gemma2-it": "gemma2", "tiny-falcon-it": "falcon"}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("phase1")
+    models = {}
+    for seed, (key, architecture) in enumerate(MODELS.items()):
+        torch.manual_seed(seed)
+        folder = root / "models" / key
+        transformers.AutoModelForCausalLM.from_config(tiny_config(architecture)).save_pretrained(
+            folder
+        )
+        tiny_tokenizer.save_pretrained(folder)
+        models[key] = {
+            "source": str(folder),
+            "architecture": architecture,
+            "n_layers": 3,
+            "d_model": 64,
+            "batch_size": 4,
+        }
+    registry = root / "registry.json"
+    registry.write_text(json.dumps({"models": models}))
+    data = root / "litmus.csv"
+    with data.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input", "axiom", "safety_label"])
+        for i in range(72):
+            axiom, label = AXIOMS[i % 3], ("safe", "unsafe")[(i // 3) % 2]
+            text = f"please {'help me' if label == 'safe' else 'hurt them'} with item {i} of {axiom.split()[0]}"
+            writer.writerow([text, axiom, label.upper() if i == 5 else label])
+    return root, registry, data
+
+
+def config(study, out: Path, **overrides) -> phase1.Phase1Config:
+    _, _, data = study
+    settings = dict(
+        models=tuple(MODELS), mode=None, per_cell=10, dataset=str(data), n_bootstrap=50, out_dir=out
+    )
+    return phase1.Phase1Config(**{**settings, **overrides})
+
+
+@pytest.fixture
+def registry_env(study, monkeypatch, tmp_path):
+    monkeypatch.setenv("MAHALS_REGISTRY", str(study[1]))
+    monkeypatch.setenv("MAHALS_CACHE", str(tmp_path / "cache"))
+
+
+def run(cfg, loader=None):
+    from mahals.models import load_model
+
+    loader = loader or (lambda spec: load_model(spec.key, device="cpu", verbose=False))
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        summary = phase1.run_phase1(cfg, loader=loader)
+    return summary, console.getvalue()
+
+
+def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path):
+    out = tmp_path / "out"
+    summary, console = run(config(study, out))
+    for name in (
+        "phase1_summary.json",
+        "phase1_aqi_checkpoint.json",
+        "aqi_bar_plot.png",
+        "aqi_axiom_heatmap.png",
+        "aqi_layer_curves.png",
+    ):
+        assert (out / name).stat().st_size > 0, name
+        if name.endswith(".png"):
+            assert matplotlib.image.imread(out / name).shape[0] > 100
+    dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
+    for key in MODELS:
+        folder = out / key
+        for name in (
+            "result.json",
+            "metrics_summary.json",
+            "metrics_summary.csv",
+            f"embeddings_{key}.safetensors",
+        ):
+            assert (folder / name).is_file(), f"{key}/{name}"
+        cached = load_tensors(folder / f"embeddings_{key}.safetensors")["activations"]
+        assert cached.shape == (len(dataset), 3, 64)
+        expected = evaluate_activations(
+            cached, dataset.axioms, dataset.labels, layer="all", n_bootstrap=50, seed=42
+        )
+        report = AQIReport.from_json(folder / "metrics_summary.json")
+        assert report.overall.aqi == expected.overall.aqi
+        assert summary["results"][key]["AQI"] == expected.overall.aqi
+        assert summary["results"][key]["per_axiom"] == {a: expected[a].aqi for a in AXIOMS}
+        assert f"Evaluating: {key}" in console
+    best = max(summary["results"], key=lambda k: summary["results"][k]["AQI"])
+    assert summary["baseline_model"] == best
+    assert f"BASELINE MODEL: {best}" in console
+    assert "Loaded 60 samples" in console
+
+
+def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
+    study, registry_env, tmp_path
+):
+    out = tmp_path / "ref"
+    summary, console = run(config(study, out, aqi_mode="reference", models=("tiny-llama-it",)))
+    cached = load_tensors(out / "tiny-llama-it" / "embeddings_tiny-llama-it.safetensors")[
+        "activations"
+    ]
+    dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
+    expected = evaluate_activations(
+        cached[:, -1], dataset.axioms, dataset.labels, mode="reference", seed=42
+    )
+    result = summary["results"]["tiny-llama-it"]
+    assert (result["AQI"], result["CHI_norm"], result["XB_norm"]) == (
+        expected.overall.aqi,
+        expected.overall.chi_norm,
+        expected.overall.xb_norm,
+    )
+    assert "CHI_norm" in console and "XB_norm" in console
+
+
+def test_rerun_reuses_cached_embeddings_without_loading_a_model(study, registry_env, tmp_path):
+    out = tmp_path / "cache"
+    first, _ = run(config(study, out))
+
+    def no_model(spec):
+        raise AssertionError(f"loaded {spec.key} although its embeddings are cached")
+
+    second, console = run(config(study, out, choice="fresh"), loader=no_model)
+    assert console.count("Reusing cached embeddings") == len(MODELS)
+    third, _ = run(config(study, out, choice="resume"), loader=no_model)
+    assert third["results"] == second["results"] == first["results"]
+
+
+def test_settings_change_is_refused_on_resume(study, registry_env, tmp_path):
+    out = tmp_path / "changed"
+    run(config(study, out, models=("tiny-llama-it",)))
+    with pytest.raises(Exception, match="n_bootstrap"):
+        run(config(study, out, models=("tiny-llama-it",), n_bootstrap=10, choice="resume"))
+
+
+def _partial_writes(folder: Path) -> list[str]:
+    return [
+        os.path.join(w, n) for w, _, names in os.walk(folder) for n in names if n.endswith(".tmp")
+    ]
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp_path):
+    whole = tmp_path / "whole"
+    whole_summary, _ = run(config(study, whole))
+    interrupted = tmp_path / "interrupted"
+    checkpoint = interrupted / "phase1_aqi_checkpoint.json"
+    args = [
+        "--models",
+        *MODELS,
+        "--per-cell",
+        "10",
+        "--dataset",
+        str(study[2]),
+        "--bootstrap",
+        "50",
+        "--out",
+        str(interrupted),
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mahals.cli", "phase1", *args], env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if checkpoint.is_file() and json.loads(checkpoint.read_text())["results"]:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr[-3000:]!r}"
+    assert not (interrupted / "phase1_summary.json").exists()
+    assert _partial_writes(interrupted) == []
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    resumed = parser.parse_args([*args, "--resume"])
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        assert phase1.run_from_args(resumed) == 0
+    assert "Checkpoint found" in console.getvalue()
+    resumed_summary = json.loads((interrupted / "phase1_summary.json").read_text())
+    assert resumed_summary == json.loads(json.dumps(whole_summary))
+    assert _partial_writes(interrupted) == []
+
+
+def test_unknown_labels_are_named(study, registry_env, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("input,axiom,safety_label\nhello,A,safe\nbye,A,maybe\n")
+    with pytest.raises(ValueError, match="maybe"):
+        run(config(study, tmp_path / "bad", dataset=str(bad)))
