@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from mahals import plots
 from mahals.aqi import AQIReport, evaluate_activations
 from mahals.capture import capture
@@ -174,6 +176,7 @@ def _score(config: Phase1Config, key: str, activations, dataset: SafetyDataset) 
         pca_dim=None if reference else config.pca_dim,
         n_bootstrap=config.n_bootstrap,
         seed=config.seed,
+        device="cuda" if torch.cuda.is_available() else None,
         model_name=key,
         dataset_name=dataset.name,
     )
