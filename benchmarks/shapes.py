@@ -69,6 +69,7 @@ class RandomLoader:
         self.device = torch.device(device)
         self.tokenizer = word_tokenizer()
         self.load_seconds: dict[str, float] = {}
+        self.weight_bytes: dict[str, int] = {}
 
     def __call__(self, spec: ModelSpec):
         started = time.perf_counter()
@@ -79,6 +80,7 @@ class RandomLoader:
                 attn_implementation="eager" if spec.architecture == "gemma2" else "sdpa",
             )  # fmt: skip
         model = load_model(hf, tokenizer=self.tokenizer)
+        self.weight_bytes[spec.key] = sum(p.numel() * p.element_size() for p in hf.parameters())
         model.name = spec.key
         model.spec = spec
         torch.cuda.synchronize()

@@ -105,9 +105,9 @@ class SafetyDataset:
     :meth:`validate_cells` (the loaders and :meth:`sample_stratified` call it).
     """
 
-    texts: tuple[str, ...]
-    axioms: tuple[str, ...]
-    labels: tuple[str, ...]
+    texts: Sequence[str]
+    axioms: Sequence[str]
+    labels: Sequence[str]
     name: str = "custom"
 
     def __post_init__(self) -> None:
@@ -207,7 +207,7 @@ class SafetyDataset:
     @classmethod
     def from_columns(
         cls,
-        table: Mapping[str, Sequence[Any]],
+        table: Mapping[str, Sequence[Any]] | Any,
         *,
         columns: Mapping[str, str] | None = None,
         name: str = "custom",
