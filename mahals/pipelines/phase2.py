@@ -771,14 +771,13 @@ def _save_pair_plots(
         relative_depth=False,
         path=folder / "steering_vector_norms.png",
     )
-    for row, layer in enumerate(centred.layers):
-        plots.explained_variance_plot(
-            centred.explained_variance_ratio[row],
-            layer=layer,
-            top_k=EXPLAINED_VARIANCE_TOP_K,
-            title=f"{display}: explained variance of centred differences, layer {layer}",
-            path=folder / EXPLAINED_VARIANCE_DIR / f"layer_{layer}_explained_variance.png",
-        )
+    plots.explained_variance_plots(
+        centred.explained_variance_ratio,
+        centred.layers,
+        folder / EXPLAINED_VARIANCE_DIR,
+        top_k=EXPLAINED_VARIANCE_TOP_K,
+        title=f"{display}: explained variance of centred differences",
+    )
 
 
 def _extract_pair(
