@@ -29,6 +29,24 @@ def peak_above(weights: int, fn) -> float:
     return round((torch.cuda.max_memory_allocated() - weights) / 1e9, 3)
 
 
+def measure(arch: str, batch: int, seq: int) -> dict:
+    model = RandomLoader()(ModelSpec(key=arch, source="random", architecture=arch, n_layers=0, d_model=0))
+    weights = torch.cuda.memory_allocated()
+    ids = torch.randint(10, 150, (batch, seq))
+    mask = torch.ones_like(ids)
+    rows = {
+        "decoder_forward": lambda: model.hf.get_decoder()(input_ids=ids.cuda(), attention_mask=mask.cuda()),
+        "full_forward": lambda: model.hf(input_ids=ids.cuda(), attention_mask=mask.cuda()),
+        "capture_mean_all_layers": lambda: capture(model, list(ids), pool="mean", batch_size=batch),
+        "capture_last_all_layers": lambda: capture(model, list(ids), pool="last", batch_size=batch),
+    }
+    with torch.inference_mode():
+        result = {name: peak_above(weights, fn) for name, fn in rows.items()}
+    model.free()
+    return {"arch": arch, "card": torch.cuda.get_device_name(), "batch": batch, "seq": seq,
+            "weights_gb": round(weights / 1e9, 2), "peak_above_weights_gb": result}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--archs", nargs="+", default=["llama", "gemma2", "falcon"])
@@ -36,22 +54,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=400)
     args = parser.parse_args()
     for arch in args.archs:
-        loader = RandomLoader()
-        model = loader(ModelSpec(key=arch, source="random", architecture=arch, n_layers=0, d_model=0))
-        weights = torch.cuda.memory_allocated()
-        ids = torch.randint(10, 150, (args.batch, args.seq))
-        mask = torch.ones_like(ids)
-        rows = {
-            "decoder_forward": lambda: model.hf.get_decoder()(input_ids=ids.cuda(), attention_mask=mask.cuda()),
-            "full_forward": lambda: model.hf(input_ids=ids.cuda(), attention_mask=mask.cuda()),
-            "capture_mean_all_layers": lambda: capture(model, list(ids), pool="mean", batch_size=args.batch),
-            "capture_last_all_layers": lambda: capture(model, list(ids), pool="last", batch_size=args.batch),
-        }
-        with torch.inference_mode():
-            result = {name: peak_above(weights, fn) for name, fn in rows.items()}
-        print(json.dumps({"arch": arch, "card": torch.cuda.get_device_name(), "batch": args.batch,
-                          "seq": args.seq, "weights_gb": round(weights / 1e9, 2), "peak_above_weights_gb": result}))  # fmt: skip
-        model.free()
+        print(json.dumps(measure(arch, args.batch, args.seq)), flush=True)
 
 
 if __name__ == "__main__":
