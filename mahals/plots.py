@@ -12,10 +12,8 @@ alive by pyplot's registry, so there is nothing to close.
 from __future__ import annotations
 
 import math
-import multiprocessing
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
@@ -343,41 +341,32 @@ def explained_variance_plot(
 
 
 def explained_variance_plots(
-    ratios_per_layer: Sequence[Values],
+    ratios_per_layer: Sequence[Values] | np.ndarray | torch.Tensor,
     layers: Sequence[int],
     folder: str | os.PathLike,
     *,
     top_k: int = 20,
     title: str = "Explained variance",
-    workers: int | None = None,
+    dpi: int = 100,
 ) -> list[Path]:
     """:func:`explained_variance_plot` for every layer, saved as
-    ``folder/layer_{l}_explained_variance.png``, rendered in parallel worker processes.
+    ``folder/layer_{l}_explained_variance.png``; returns the paths in layer order.
 
-    ``workers`` defaults to the CPU count (capped by the number of layers); ``1`` renders in
-    this process. Returns the paths in layer order.
+    Drawn at a lower resolution than the summary plots: there is one per layer (42 for
+    Gemma-2), and rendering them dominated a GPU run's wall time. (Worker processes did not
+    help: each must import torch before it draws anything.)
     """
     if len(ratios_per_layer) != len(layers):
         raise ValueError(f"{len(ratios_per_layer)} ratio rows for {len(layers)} layers")
     folder = Path(folder)
-    jobs = [
-        ([float(v) for v in _as_series(ratios, "ratios")], int(layer), top_k,
-         f"{title}, layer {layer}", str(folder / f"layer_{layer}_explained_variance.png"))
-        for ratios, layer in zip(ratios_per_layer, layers, strict=True)
-    ]  # fmt: skip
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
-    if workers <= 1:
-        return [_render_explained_variance(job) for job in jobs]
-    # forkserver: the parent may hold a CUDA context, which a forked child must not inherit.
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_render_explained_variance, jobs))
-
-
-def _render_explained_variance(job: tuple[list[float], int, int, str, str]) -> Path:
-    ratios, layer, top_k, title, path = job
-    explained_variance_plot(ratios, layer=layer, top_k=top_k, title=title, path=path)
-    return Path(path)
+    paths = []
+    for ratios, layer in zip(ratios_per_layer, layers, strict=True):
+        path = folder / f"layer_{layer}_explained_variance.png"
+        explained_variance_plot(
+            ratios, layer=layer, top_k=top_k, title=f"{title}, layer {layer}", path=path, dpi=dpi
+        )
+        paths.append(path)
+    return paths
 
 
 def model_dimensions_plot(
