@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from mahals.models import MahalsModel
 
-__all__ = ["Activations", "TokenActivations", "capture", "tokenize", "POOLS"]
+__all__ = ["Activations", "TokenActivations", "capture", "tokenize", "plan_batches", "POOLS"]
 
 Pool = Literal["mean", "last", "first", "none"]
 POOLS: tuple[str, ...] = ("mean", "last", "first", "none")
@@ -194,6 +194,33 @@ def _resolve_layers(model: MahalsModel, layers) -> tuple[int, ...]:
     return tuple(sorted({layer % n for layer in requested}))
 
 
+def plan_batches(
+    lengths: Sequence[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
+    """Indices of each batch: longest texts first, at most ``batch_size`` texts and (if given)
+    at most ``max_batch_tokens`` padded tokens per batch (a longer text goes alone)."""
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be ≥ 1, got {max_batch_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for index in order:
+        current = batches[-1] if batches else None
+        # Sorted longest first, so the batch's first text sets its padded length.
+        fits = (
+            current is not None
+            and len(current) < batch_size
+            and (
+                max_batch_tokens is None
+                or (len(current) + 1) * lengths[current[0]] <= max_batch_tokens
+            )
+        )
+        if fits:
+            current.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def _pad(batch: list[list[int]], pad_id: int, side: str, device: torch.device):
     length = max(len(seq) for seq in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
@@ -224,6 +251,7 @@ def capture(
     layers: int | Sequence[int] | None = None,
     pool: Pool = "mean",
     batch_size: int | None = None,
+    max_batch_tokens: int | None = None,
     max_length: int | None = None,
     chat: bool = False,
     add_generation_prompt: bool = False,
@@ -239,6 +267,8 @@ def capture(
         pool: ``"mean"`` over real tokens, ``"last"`` / ``"first"`` real token, or ``"none"``
             for per-token output (:class:`TokenActivations`; meant for a few texts).
         batch_size: texts per forward pass; defaults to the registry's batch size or 16.
+        max_batch_tokens: also cap each batch's padded size (texts x longest text) at this
+            many tokens, which bounds activation memory whatever the text lengths.
         max_length: truncate longer inputs to this many tokens.
         chat: render plain strings as single user turns through the chat template.
         add_generation_prompt: append the assistant header when rendering chat inputs.
@@ -260,8 +290,7 @@ def capture(
     batch_size = batch_size or (model.spec.batch_size if model.spec else 16)
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = plan_batches([len(seq) for seq in sequences], batch_size, max_batch_tokens)
     tok = model.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     device = model.device

@@ -157,3 +157,22 @@ def test_bad_inputs_are_named(tiny_model):
     # Literal annotation rejects it first.
     with pytest.raises((ValueError, TypeError), match="max"):
         capture(tiny_model, TEXTS[:1], pool="max")
+
+
+def test_batch_plan_sorts_by_length_and_respects_both_caps():
+    from mahals.capture import plan_batches
+
+    lengths = [5, 40, 12, 40, 3, 25, 7, 100]
+    batches = plan_batches(lengths, batch_size=3, max_batch_tokens=80)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths, reverse=True)
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 80
+    assert [len(b) for b in plan_batches(lengths, batch_size=3)] == [3, 3, 2]
+
+
+def test_token_budget_does_not_change_results(tiny_model):
+    budgeted = capture(tiny_model, TEXTS, batch_size=8, max_batch_tokens=60).tensor
+    assert_close(budgeted, capture(tiny_model, TEXTS, batch_size=1).tensor, rel=1e-5)

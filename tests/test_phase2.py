@@ -221,7 +221,7 @@ def study(tmp_path_factory, tiny_tokenizer) -> Study:
 
 def cached(folder: Path, role: str, answer: str) -> torch.Tensor:
     return load_tensors(folder / "hidden_states_cache" / f"h_{role}_{answer}.safetensors")[
-        "hidden_states"
+        "activations"
     ]
 
 

@@ -4,6 +4,7 @@ seed's shape, and the model loader that tests and benchmarks replace with random
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -21,10 +22,26 @@ from mahals.models import MahalsModel, load_model
 from mahals.registry import ModelSpec
 
 __all__ = [
-    "RULE", "WIDE_RULE", "CheckpointedRun", "ModelLoader", "default_loader", "banner",
-    "print_device", "print_table", "run_checkpointed", "texts_sha256", "read_activation_cache",
-    "write_activation_cache", "loaded",
+    "DEFAULT_MAX_BATCH_TOKENS",
+    "add_max_batch_tokens_flag",
+    "RULE",
+    "WIDE_RULE",
+    "CheckpointedRun",
+    "ModelLoader",
+    "default_loader",
+    "banner",
+    "print_device",
+    "print_table",
+    "run_checkpointed",
+    "texts_sha256",
+    "read_activation_cache",
+    "write_activation_cache",
+    "loaded",
 ]
+
+DEFAULT_MAX_BATCH_TOKENS = 4096
+"""Padded tokens per forward pass: keeps activation memory near 1-2 GB on 7-9B models while an
+H100 still runs at full throughput (see benchmarks/README.md)."""
 
 RULE = "=" * 60
 WIDE_RULE = "=" * 70
@@ -34,6 +51,13 @@ ModelLoader = Callable[[ModelSpec], MahalsModel]
 def default_loader(spec: ModelSpec) -> MahalsModel:
     """Load a registry model by key (hub, local or PyPI GGUF)."""
     return load_model(spec.key)
+
+
+def add_max_batch_tokens_flag(parser) -> None:
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"cap on padded tokens per forward pass (default {DEFAULT_MAX_BATCH_TOKENS}; 0 = no cap)",
+    )  # fmt: skip
 
 
 def banner(*lines: str, rule: str = RULE) -> None:
@@ -52,7 +76,12 @@ def print_device() -> None:
         print(f"Device: CPU ({torch.get_num_threads()} threads)")
 
 
-def print_table(headers: Sequence[str], widths: Sequence[int], rows: Iterable[Sequence[Any]], rule: str = "-" * 60) -> None:
+def print_table(
+    headers: Sequence[str],
+    widths: Sequence[int],
+    rows: Iterable[Sequence[Any]],
+    rule: str = "-" * 60,
+) -> None:
     """A fixed-width console table (the seed's results tables)."""
     print("".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=True)))
     print(rule)
@@ -62,7 +91,11 @@ def print_table(headers: Sequence[str], widths: Sequence[int], rows: Iterable[Se
 
 
 def _cell(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) and abs(value) < 10 else (f"{value:.2f}" if isinstance(value, float) else str(value))
+    return (
+        f"{value:.4f}"
+        if isinstance(value, float) and abs(value) < 10
+        else (f"{value:.2f}" if isinstance(value, float) else str(value))
+    )
 
 
 @dataclass(frozen=True)
@@ -138,15 +171,14 @@ ACTIVATION_KEY = "activations"
 
 def texts_sha256(texts: Sequence[str]) -> str:
     """A digest identifying an ordered list of texts (cache identity)."""
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
-    return digest.hexdigest()
+    return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
 
 
-def read_activation_cache(path: Path, identity: Mapping[str, str], n_rows: int) -> torch.Tensor | None:
-    """The cached ``[n_rows, layer, d_model]`` block at ``path`` if its metadata matches
-    ``identity`` on every key; ``None`` (with a console note saying why) otherwise."""
+def read_activation_cache(
+    path: Path, identity: Mapping[str, str], n_rows: int
+) -> tuple[torch.Tensor, dict[str, str]] | None:
+    """The cached ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if the
+    metadata matches ``identity`` on every key; ``None`` (with a console note why) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -163,12 +195,16 @@ def read_activation_cache(path: Path, identity: Mapping[str, str], n_rows: int) 
     if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
         print(f"  cache {path.name} holds no [n={n_rows}, layer, d_model] block; recomputing")
         return None
-    return tensor
+    return tensor, stored
 
 
-def write_activation_cache(path: Path, activations: torch.Tensor, identity: Mapping[str, str]) -> None:
-    """Save activations with their identity as safetensors metadata (atomic)."""
-    save_tensors(path, {ACTIVATION_KEY: activations}, {**identity, "mahals_version": mahals.__version__})
+def write_activation_cache(
+    path: Path, activations: torch.Tensor, metadata: Mapping[str, str]
+) -> None:
+    """Save activations with their identity (and any other string metadata) atomically."""
+    save_tensors(
+        path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": mahals.__version__}
+    )
 
 
 @contextmanager

@@ -35,8 +35,10 @@ from mahals.checkpoint import (
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID
 from mahals.pipelines.common import (
+    DEFAULT_MAX_BATCH_TOKENS,
     RULE,
     ModelLoader,
+    add_max_batch_tokens_flag,
     banner,
     default_loader,
     loaded,
@@ -87,6 +89,7 @@ class Phase1Config:
     n_bootstrap: int = 200
     seed: int = 42
     batch_size: int | None = None
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     cache: bool = True
     out_dir: Path = Path("outputs/phase1_baseline_aqi")
     choice: CheckpointChoice | str | None = None
@@ -155,11 +158,17 @@ def _embeddings(
     cached = read_activation_cache(path, identity, len(dataset)) if config.cache else None
     if cached is not None:
         print(f"Reusing cached embeddings: {path}")
-        return cached
+        return cached[0]
     with loaded(loader, spec) as model:
         batch_size = config.batch_size or spec.batch_size
         print(f"Using batch_size={batch_size} for {key}")
-        activations = capture(model, list(dataset.texts), pool="mean", batch_size=batch_size).tensor
+        activations = capture(
+            model,
+            list(dataset.texts),
+            pool="mean",
+            batch_size=batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+        ).tensor
     if config.cache:
         write_activation_cache(path, activations, identity)
     return activations
@@ -391,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=200, dest="n_bootstrap")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch-size", type=int)
+    add_max_batch_tokens_flag(parser)
     parser.add_argument(
         "--no-cache", action="store_true", help="do not read or write cached embeddings"
     )
@@ -411,6 +421,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         n_bootstrap=args.n_bootstrap,
         seed=args.seed,
         batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens or None,
         cache=not args.no_cache,
         out_dir=Path(args.out),
         choice=args.checkpoint_choice,

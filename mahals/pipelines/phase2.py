@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import json
 import os
 import sys
 import time
@@ -54,7 +52,6 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
 from torch import Tensor
 
 import mahals
@@ -65,8 +62,6 @@ from mahals.checkpoint import (
     CheckpointError,
     add_checkpoint_flags,
     atomic_write_json,
-    load_tensors,
-    save_tensors,
 )
 from mahals.data.hh_rlhf import (
     HH_RLHF_HUB_ID,
@@ -79,13 +74,18 @@ from mahals.data.hh_rlhf import (
 )
 from mahals.models import MahalsModel, load_model
 from mahals.pipelines.common import (
+    DEFAULT_MAX_BATCH_TOKENS,
     WIDE_RULE,
     ModelLoader,
+    add_max_batch_tokens_flag,
     banner,
     default_loader,
     print_device,
     print_table,
+    read_activation_cache,
     run_checkpointed,
+    texts_sha256,
+    write_activation_cache,
 )
 from mahals.registry import ModelPair, ModelSpec, Registry, RegistryError, load_registry
 from mahals.steering import (
@@ -124,25 +124,12 @@ CHECKPOINT_NAME = "phase2_steering_checkpoint.json"
 SUMMARY_NAME = "phase2_summary.json"
 CACHE_DIR_NAME = "hidden_states_cache"
 CACHE_FORMAT = "mahals.phase2.hidden_states"
-CACHE_TENSOR_KEY = "hidden_states"
 EXPLAINED_VARIANCE_DIR = "explained_variances"
 #: SVD components computed for the explained-variance plots (at least ``svd_component + 1``).
 EXPLAINED_VARIANCE_TOP_K = 20
 PAIRING_RULES: tuple[str, ...] = ("shared-template", "plain", "native")
 ROLES: tuple[Role, ...] = ("base", "instruct")
 ANSWERS: tuple[Answer, ...] = ("chosen", "rejected")
-#: Cache metadata keys that must equal the current run's for a cached block to be reused.
-_CACHE_IDENTITY_KEYS = (
-    "format",
-    "model_key",
-    "model_source",
-    "role",
-    "answer",
-    "n",
-    "token",
-    "pairing",
-    "texts_sha256",
-)
 DEMO_SAMPLES = 32
 DEMO_MAX_CHARS = 200
 DEMO_SUBSET = "harmless-base"
@@ -185,6 +172,8 @@ class Phase2Config:
         token: ``"last"`` real token (the seed's) or ``"mean"`` over real tokens.
         pairing: default pairing rule; a pair's own ``pairing`` registry field wins.
         batch_size: texts per forward pass; ``None`` = each model's registry batch size.
+        max_batch_tokens: cap on a batch's padded tokens (bounds activation memory);
+            ``None`` = no cap.
         out_dir: output folder.
         checkpoint: ``--resume`` / ``--fresh`` / ``--skip``; ``None`` = ask on a terminal,
             resume otherwise.
@@ -203,6 +192,7 @@ class Phase2Config:
     token: TokenPosition = "last"
     pairing: PairingRule = "shared-template"
     batch_size: int | None = None
+    max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
 
@@ -353,10 +343,6 @@ def mean_cosine_per_layer(
     return cosines.mean(0)
 
 
-def _texts_sha256(texts: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
-
-
 def _floats(values: Tensor) -> list[float]:
     return [float(v) for v in values.detach().cpu().to(torch.float64)]
 
@@ -436,29 +422,6 @@ def _pair_texts(
 
 
 # ---------------------------------------------------------------------------------- the cache
-
-
-def _read_cache(
-    path: Path, expected: Mapping[str, str], n_samples: int
-) -> tuple[Tensor, dict[str, str]] | None:
-    """The cached block at ``path`` if its identity metadata equals ``expected``, else None."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, framework="pt") as handle:
-            stored = dict(handle.metadata() or {})
-    except Exception as error:  # unreadable or truncated file: recompute
-        print(f"  cache {path.name} unreadable ({error}); recomputing")
-        return None
-    stale = [key for key in _CACHE_IDENTITY_KEYS if stored.get(key) != expected[key]]
-    if stale:
-        print(f"  cache {path.name} is stale ({', '.join(stale)} differ); recomputing")
-        return None
-    tensor = load_tensors(path).get(CACHE_TENSOR_KEY)
-    if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_samples:
-        print(f"  cache {path.name} holds no [n={n_samples}, layer, d_model] block; recomputing")
-        return None
-    return tensor, stored
 
 
 # ------------------------------------------------------------------------------- one pair's run
@@ -547,7 +510,7 @@ def _cache_identity(
         "n": str(len(texts)),
         "token": run.config.token,
         "pairing": run.rule,
-        "texts_sha256": _texts_sha256(texts),
+        "texts_sha256": texts_sha256(texts),
     }
 
 
@@ -582,7 +545,11 @@ def _capture_all(
         print(f"[{step}/4] {label} - {answer} responses...")
         path = run.cache_dir / f"h_{role}_{answer}.safetensors"
         identity = _cache_identity(run, role, answer, texts[role, answer])
-        cached = _read_cache(path, identity, len(texts[role, answer])) if config.use_cache else None
+        cached = (
+            read_activation_cache(path, identity, len(texts[role, answer]))
+            if config.use_cache
+            else None
+        )
         if cached is not None:
             run.states[role, answer], stored = cached
             run.cache_status[path.name] = "reused"
@@ -596,7 +563,11 @@ def _capture_all(
                 _count_tokenization_mismatches(run, model, shared, tuned_tokenizer)
             started = time.perf_counter()
             activations = capture(
-                model, texts[role, answer], pool=config.token, batch_size=run.batch_size(role)
+                model,
+                texts[role, answer],
+                pool=config.token,
+                batch_size=run.batch_size(role),
+                max_batch_tokens=config.max_batch_tokens,
             )
             run.capture_seconds += time.perf_counter() - started
             run.states[role, answer] = activations.tensor
@@ -608,11 +579,10 @@ def _capture_all(
                     "model_dtype": str(model.dtype).removeprefix("torch."),
                     "model_device": str(model.device),
                     "created": _now(),
-                    "mahals_version": mahals.__version__,
                 }
                 if role == "base" and run.tokenization_mismatches is not None:
                     metadata["tokenization_mismatches"] = str(run.tokenization_mismatches)
-                save_tensors(path, {CACHE_TENSOR_KEY: activations.tensor}, metadata)
+                write_activation_cache(path, activations.tensor, metadata)
         last_of_role = answer == ANSWERS[-1]
         if last_of_role and not (role == "base" and _is_format_pair(run.pair)):
             slot.release()  # a format pair keeps its one model for the other side
@@ -1128,6 +1098,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, help="texts per forward pass (default: the registry's per model)"
     )
+    add_max_batch_tokens_flag(parser)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder")
     add_checkpoint_flags(parser)
 
@@ -1147,6 +1118,7 @@ def config_from_args(args: argparse.Namespace) -> Phase2Config:
         token=args.token,
         pairing=args.pairing,
         batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens or None,
         out_dir=args.out,
         checkpoint=args.checkpoint_choice,
     )
