@@ -122,3 +122,40 @@ def gemma3():
     from mahals.models import load_model
 
     return load_model("gemma-3-270m", device="cpu")
+
+
+def kill_after_first_checkpoint(
+    phase: str, arguments: list[str], checkpoint: Path, env: dict
+) -> None:
+    """Run ``python -m mahals.cli <phase> <arguments>`` and SIGKILL it as soon as ``checkpoint``
+    records a first result; fails if the process ended any other way."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    environment = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+                   "OMP_NUM_THREADS": str(torch.get_num_threads())}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mahals.cli", phase, *arguments], env=environment,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if checkpoint.is_file() and json.loads(checkpoint.read_text())["results"]:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr[-3000:]!r}"
+
+
+def partial_writes(folder: Path) -> list[str]:
+    """Temporary files of interrupted atomic writes left anywhere below ``folder``."""
+    return [
+        os.path.join(where, name)
+        for where, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".tmp")
+    ]

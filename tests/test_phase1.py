@@ -8,11 +8,6 @@ import contextlib
 import csv
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import matplotlib.image
@@ -25,7 +20,7 @@ from mahals.checkpoint import load_tensors
 from mahals.data import load_litmus
 from mahals.pipelines import phase1
 
-from conftest import tiny_config
+from conftest import kill_after_first_checkpoint, partial_writes, tiny_config
 
 AXIOMS = ("Civility & Tolerance", "Wisdom & Knowledge", "Well-being & Peace")
 MODELS = {"tiny-llama-it": "llama", "tiny-gemma2-it": "gemma2", "tiny-falcon-it": "falcon"}
@@ -166,12 +161,6 @@ def test_settings_change_is_refused_on_resume(study, registry_env, tmp_path):
         run(config(study, out, models=("tiny-llama-it",), n_bootstrap=10, choice="resume"))
 
 
-def _partial_writes(folder: Path) -> list[str]:
-    return [
-        os.path.join(w, n) for w, _, names in os.walk(folder) for n in names if n.endswith(".tmp")
-    ]
-
-
 def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp_path):
     whole = tmp_path / "whole"
     whole_summary, _ = run(config(study, whole))
@@ -189,26 +178,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp
         "--out",
         str(interrupted),
     ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mahals.cli", "phase1", *args], env=env,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if checkpoint.is_file() and json.loads(checkpoint.read_text())["results"]:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr[-3000:]!r}"
+    kill_after_first_checkpoint("phase1", args, checkpoint, {})
     assert not (interrupted / "phase1_summary.json").exists()
-    assert _partial_writes(interrupted) == []
+    assert partial_writes(interrupted) == []
     parser = argparse.ArgumentParser()
     phase1.add_arguments(parser)
     resumed = parser.parse_args([*args, "--resume"])
@@ -218,7 +190,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp
     assert "Checkpoint found" in console.getvalue()
     resumed_summary = json.loads((interrupted / "phase1_summary.json").read_text())
     assert resumed_summary == json.loads(json.dumps(whole_summary))
-    assert _partial_writes(interrupted) == []
+    assert partial_writes(interrupted) == []
 
 
 def test_unknown_labels_are_named(study, registry_env, tmp_path):

@@ -9,12 +9,7 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +30,7 @@ from mahals.pipelines.phase2 import Phase2Config, run_phase2
 from mahals.registry import Registry, load_registry
 from mahals.steering import SteeringVector
 
-from conftest import SHARED_DATA, tiny_config
+from conftest import SHARED_DATA, kill_after_first_checkpoint, partial_writes, tiny_config
 
 #: (n_layers, d_model) of each tiny architecture: every pair has its own shape.
 SHAPES = {"llama": (3, 64), "gemma2": (4, 48), "falcon": (2, 80)}
@@ -555,32 +550,6 @@ def _without_volatile(value: Any) -> Any:
     return value
 
 
-def _cli_command() -> list[str]:
-    """``python -m mahals.cli phase2``; the CLI imports every phase module, so until all exist
-    the same ``add_arguments`` / ``run_from_args`` pair is driven directly."""
-    try:
-        import mahals.cli
-
-        mahals.cli.build_parser()
-    except ImportError:
-        driver = (
-            "import argparse, sys; from mahals.pipelines import phase2; "
-            "p = argparse.ArgumentParser(); phase2.add_arguments(p); "
-            "sys.exit(phase2.run_from_args(p.parse_args(sys.argv[1:])))"
-        )
-        return [sys.executable, "-c", driver]
-    return [sys.executable, "-m", "mahals.cli", "phase2"]
-
-
-def _partial_writes(folder: Path) -> list[str]:
-    return [
-        os.path.join(where, name)
-        for where, _, names in os.walk(folder)
-        for name in names
-        if name.endswith(".tmp")
-    ]
-
-
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer, monkeypatch):
     """A CLI run killed (SIGKILL) after its first pair is checkpointed, then resumed, ends with
     the summary and vectors of an uninterrupted run, and no partial file is left behind. The
@@ -618,25 +587,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer
 
     interrupted = tmp_path / "interrupted"
     checkpoint = interrupted / "phase2_steering_checkpoint.json"
-    env = {
-        **os.environ,
-        **settings,
-        "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "",
-        "OMP_NUM_THREADS": str(torch.get_num_threads()),
-    }
-    process = subprocess.Popen(
-        [*_cli_command(), *arguments(interrupted)], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:
-        if checkpoint.is_file() and json.loads(checkpoint.read_text())["results"]:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    _, stderr = process.communicate(timeout=30)
-    assert process.returncode == -signal.SIGKILL, f"not killed mid-run: {stderr[-3000:]!r}"
+    kill_after_first_checkpoint("phase2", arguments(interrupted), checkpoint, settings)
     assert list(json.loads(checkpoint.read_text())["results"]) == ["Tiny_llama"]
     assert not (interrupted / "phase2_summary.json").exists()
     # What a kill in the middle of an atomic write leaves (the kill above may or may not have).
@@ -649,7 +600,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer
     whole_summary = json.loads((whole / "phase2_summary.json").read_text())
     assert list(resumed_summary["pairs"]) == ["Tiny_llama", "Tiny_falcon"]
     assert _without_volatile(resumed_summary) == _without_volatile(whole_summary)
-    assert _partial_writes(interrupted) == []
+    assert partial_writes(interrupted) == []
     for key in ("Tiny_llama", "Tiny_falcon"):
         assert torch.equal(
             SteeringVector.load(interrupted / key / "steering_vector.safetensors").vectors,
