@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
@@ -55,6 +56,11 @@ def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = DEFAULT_DPI) ->
     buffer = BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def _wrapped(title: str, width: int = 72) -> str:
+    """Long titles (a pair's full display name) broken into lines instead of cut off."""
+    return textwrap.fill(title, width)
 
 
 def _new_figure(
@@ -168,7 +174,7 @@ def aqi_bar_plot(
     finite = label_heights[np.isfinite(label_heights)]
     if finite.size and finite.min() >= 0 and finite.max() <= 100:
         ax.set_ylim(0, 108)  # the 0–100 scale, with room for the value labels
-    ax.set_title(title)
+    ax.set_title(_wrapped(title))
     ax.set_xlabel("Model")
     ax.set_ylabel(AQI_LABEL)
     if len(legend_handles) > 1:
@@ -205,7 +211,7 @@ def aqi_axiom_heatmap(
     ax.set_xticks(range(len(axioms)), axioms)
     ax.set_yticks(range(len(models)), models)
     _rotate_tick_labels(ax, len(axioms))
-    ax.set_title(title)
+    ax.set_title(_wrapped(title))
     ax.set_xlabel("Axiom")
     ax.set_ylabel("Model")
     return _finish(fig, path, dpi)
@@ -253,7 +259,7 @@ def layer_curves_comparison(
                     f"its curve {series.size}"
                 )
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_title(title)
+    ax.set_title(_wrapped(title))
     if relative_depth:
         ax.set_xlabel("Relative depth (layer / (L − 1))")
     else:
@@ -297,7 +303,7 @@ def layer_curve(
     series = _as_series(values, "values")
     fig, (ax,) = _new_figure(7.0, 4.0)
     ax.plot(np.arange(series.size), series, marker="o", markersize=3)
-    ax.set_title(title)
+    ax.set_title(_wrapped(title))
     ax.set_xlabel("Layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
@@ -326,13 +332,14 @@ def explained_variance_plot(
     # Fixed margins instead of the constrained-layout solver: this plot is drawn once per layer
     # and the solver is 60 % of its cost.
     fig, (ax,) = _new_figure(7.0, 4.0, layout=None)
-    fig.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.13)
+    heading = _wrapped(title or f"Explained variance, layer {layer}")
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.91 - 0.06 * heading.count("\n"), bottom=0.13)
     ax.bar(components, shown, color=BAR_COLOUR, label="per component")
     ax.plot(
         components, np.cumsum(shown), color="black", marker="o", markersize=3, label="cumulative"
     )
     ax.set_ylim(0, 1.05)
-    ax.set_title(title or f"Explained variance, layer {layer}")
+    ax.set_title(heading)
     ax.set_xlabel("Component")
     ax.set_ylabel("Explained variance ratio")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -393,5 +400,5 @@ def model_dimensions_plot(
         ax.set_title(panel_title)
         ax.set_xlabel("Model")
         ax.set_ylabel(ylabel)
-    fig.suptitle(title)
+    fig.suptitle(_wrapped(title))
     return _finish(fig, path, dpi)
