@@ -31,6 +31,7 @@ from mahals.registry import ModelSpec, Registry, RegistryError, load_registry
 __all__ = [
     "MahalsModel",
     "load_model",
+    "load_tokenizer",
     "gguf_from_package",
     "cache_dir",
     "default_device",
