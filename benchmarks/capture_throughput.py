@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shapes import report  # noqa: E402
 
 from mahals.capture import capture
 from mahals.models import load_model
@@ -146,10 +150,7 @@ def main() -> None:
         "mahals_vs_forward": results["mahals"] / results["forward"],
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
-    print(json.dumps(row))
-    if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+    report(row, args.json)
 
 
 if __name__ == "__main__":

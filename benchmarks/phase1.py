@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import RandomLoader, random_sentence  # noqa: E402
+from shapes import RandomLoader, random_sentence, report  # noqa: E402
 
 from mahals.pipelines.phase1 import Phase1Config, run_phase1  # noqa: E402
 from mahals.registry import load_registry  # noqa: E402
@@ -77,10 +77,7 @@ def main() -> None:
         "aqi": {k: round(v["AQI"], 3) for k, v in summary["results"].items()},
     }  # fmt: skip
     print(console.getvalue()[-1500:])
-    print(json.dumps(row))
-    if args.json:
-        with open(args.json, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+    report(row, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import RandomLoader, random_sentence  # noqa: E402
+from shapes import RandomLoader, random_sentence, report  # noqa: E402
 
 from mahals.pipelines.phase2 import Phase2Config, run_phase2  # noqa: E402
 from mahals.registry import load_registry  # noqa: E402
@@ -75,10 +75,7 @@ def main() -> None:
         }  # fmt: skip
         rows.append(row)
         print(console.getvalue()[-1200:])
-        print(json.dumps(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+        report(row, args.json)
 
 
 if __name__ == "__main__":

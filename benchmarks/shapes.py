@@ -4,6 +4,7 @@ with a chat template so the pipelines run unchanged on synthetic text."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -89,3 +90,11 @@ class RandomLoader:
 
     def tokenizer_loader(self, spec: ModelSpec):
         return self.tokenizer
+
+
+def report(row: dict, json_path: str | None) -> None:
+    """Print a result row as JSON and append it to ``json_path`` (JSON lines) when given."""
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
