@@ -31,12 +31,19 @@ def write_conversations(path: Path, n: int, seed: int = 0) -> Path:
     rng = random.Random(seed)
     with path.open("w") as handle:
         for _ in range(n):
-            prompt = "".join(
-                f"\n\nHuman: {random_sentence(rng, rng.randint(10, 60))}\n\nAssistant: {random_sentence(rng, rng.randint(10, 60))}"
-                for _ in range(rng.randint(0, 2))
-            ) + f"\n\nHuman: {random_sentence(rng, rng.randint(10, 60))}"
-            answers = [f"\n\nAssistant: {random_sentence(rng, rng.randint(20, 150))}" for _ in range(2)]
-            handle.write(json.dumps({"chosen": prompt + answers[0], "rejected": prompt + answers[1]}) + "\n")
+            prompt = (
+                "".join(
+                    f"\n\nHuman: {random_sentence(rng, rng.randint(10, 60))}\n\nAssistant: {random_sentence(rng, rng.randint(10, 60))}"
+                    for _ in range(rng.randint(0, 2))
+                )
+                + f"\n\nHuman: {random_sentence(rng, rng.randint(10, 60))}"
+            )
+            answers = [
+                f"\n\nAssistant: {random_sentence(rng, rng.randint(20, 150))}" for _ in range(2)
+            ]
+            handle.write(
+                json.dumps({"chosen": prompt + answers[0], "rejected": prompt + answers[1]}) + "\n"
+            )
     return path
 
 
@@ -69,7 +76,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "card": torch.cuda.get_device_name(), "pair": key,
             "n_conversations": args.n, "seconds_excluding_weights": round(total - sum(loader.load_seconds.values()), 2),
             "weight_creation_seconds": round(sum(loader.load_seconds.values()), 2),
-            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2), "one_model_weights_gb": round(weights / 1e9, 2),
+            "peak_gpu_gb": round(loader.peak_memory() / 1e9, 2), "one_model_weights_gb": round(weights / 1e9, 2),
             "models_loaded": len(loader.load_seconds), "layers_x_d": [pair.tuned.n_layers, pair.tuned.d_model],
             "cos_chosen": summary.results[key]["cosine_chosen_mean"],
         }  # fmt: skip

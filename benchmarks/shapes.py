@@ -71,8 +71,17 @@ class RandomLoader:
         self.tokenizer = word_tokenizer()
         self.load_seconds: dict[str, float] = {}
         self.weight_bytes: dict[str, int] = {}
+        self.banked_peak = 0
+
+    def peak_memory(self) -> int:
+        """Peak allocated GPU bytes outside weight creation, since this loader was made."""
+        return max(self.banked_peak, torch.cuda.max_memory_allocated())
 
     def __call__(self, spec: ModelSpec):
+        # Random initialisation allocates temporaries a real (safetensors) load does not; keep
+        # the pipeline's own peak: the peak so far is banked, and counting restarts once the
+        # weights exist.
+        self.banked_peak = max(self.banked_peak, torch.cuda.max_memory_allocated())
         started = time.perf_counter()
         config = SHAPES[spec.architecture]()
         with torch.device(self.device):
@@ -85,6 +94,7 @@ class RandomLoader:
         model.name = spec.key
         model.spec = spec
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
         self.load_seconds[spec.key] = self.load_seconds.get(spec.key, 0.0) + time.perf_counter() - started
         return model
 

@@ -14,7 +14,8 @@ How the work is arranged, and why:
   batch size;
 * one ``trace`` per batch reads each requested layer's output, pools it on the device in float32
   and stops the forward pass after the last requested layer (the final norm and the LM head are
-  never run: their output is not needed);
+  never run: their output is not needed); no KV cache is built (``use_cache=False``: HF would
+  otherwise keep every layer's keys and values alive, 1–2 GB on a 7–9B model);
 * only the pooled ``[batch, layers, d_model]`` block leaves the GPU, copied asynchronously into
   pinned host memory while the next batch runs; rows land in input order.
 """
@@ -366,7 +367,9 @@ def _trace_batch(model, batch, layer_ids, pool, pad_id, padding_side, device):
     keep_tokens = pool == "none"
     with (
         torch.inference_mode(),
-        model.nn.trace(input_ids=ids, attention_mask=mask, position_ids=position_ids) as tracer,
+        model.nn.trace(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
+        ) as tracer,
     ):
         collected = []
         for layer in layer_ids:
