@@ -69,6 +69,11 @@ def test_a_gguf_path_and_its_tokenizer_load_directly(smollm2):
     assert path.suffix == ".gguf" and path.is_file()
     direct = load_model(str(path), device="cpu", verbose=False)
     ids = smollm2.tokenizer("Paris is lovely", return_tensors="pt")["input_ids"]
+    reference = dict(smollm2.hf.named_parameters())
+    assert all(torch.equal(p, reference[name]) for name, p in direct.hf.named_parameters())
     with torch.no_grad():
-        torch.testing.assert_close(direct.hf(ids).logits, smollm2.hf(ids).logits)
+        expected = smollm2.hf(ids).logits
+        # Same weights; CPU matmul kernels may still round differently per allocation.
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(direct.hf(ids).logits, expected, rtol=1e-4, atol=1e-5 * scale)
     assert load_tokenizer(str(path))("Paris is lovely")["input_ids"] == ids[0].tolist()
