@@ -160,9 +160,11 @@ def aqi_bar_plot(
         )
         legend_handles.append(interval_bars)
         label_heights[with_ci] = np.fmax(label_heights[with_ci], highs)
+    finite = label_heights[np.isfinite(label_heights)]
+    zoomed = bool(finite.size) and finite.min() >= 0 and finite.max() <= 20
     for position, height, label_height in zip(positions, heights, label_heights, strict=True):
         ax.annotate(
-            f"{height:.1f}",
+            f"{height:.2f}" if zoomed else f"{height:.1f}",
             (position, label_height),
             xytext=(0, 3),
             textcoords="offset points",
@@ -171,8 +173,11 @@ def aqi_bar_plot(
         )
     ax.set_xticks(positions, models)
     _rotate_tick_labels(ax, len(models))
-    finite = label_heights[np.isfinite(label_heights)]
-    if finite.size and finite.min() >= 0 and finite.max() <= 100:
+    if zoomed:
+        # Every bar is small (principled AQI near chance): zoom in so bars and intervals can be
+        # told apart; the axis label keeps the 0–100 scale explicit.
+        ax.set_ylim(0, 1.25 * max(finite.max(), 0.1))
+    elif finite.size and finite.min() >= 0 and finite.max() <= 100:
         ax.set_ylim(0, 108)  # the 0–100 scale, with room for the value labels
     ax.set_title(_wrapped(title))
     ax.set_xlabel("Model")

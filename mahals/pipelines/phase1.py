@@ -284,6 +284,12 @@ def _print_results(results: Mapping[str, Mapping[str, Any]], aqi_mode: str) -> s
         return None
     best = ranked[0]
     print(f"BASELINE MODEL: {best['model']} (AQI={best['AQI']:.2f})")
+    runner_up = ranked[1] if len(ranked) > 1 else None
+    if runner_up and best["ci95"] and runner_up["ci95"] and best["ci95"][0] <= runner_up["ci95"][1]:
+        print(
+            f"Note: the 95% CIs of {best['model']} and {runner_up['model']} overlap; "
+            "the choice of baseline is not statistically clear."
+        )
     print(RULE)
     return best["model"]
 
