@@ -609,7 +609,7 @@ class _Cell:
 
 
 def _two_class_traces(
-    safe: tuple[Tensor, Tensor, int], unsafe: tuple[Tensor, Tensor, int], n_layers: int
+    safe: Sequence[Tensor | int], unsafe: Sequence[Tensor | int], n_layers: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Between/within sums of squares and squared centroid distance ``[resample, layer]`` from
     each class's (resampled sum ``[resample, layer·d]``, resampled Σ‖x‖² ``[resample, layer]``,
