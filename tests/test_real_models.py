@@ -45,17 +45,19 @@ def test_capture_matches_hf_hidden_states_on_real_weights(fixture, request):
 def test_transformer_lens_bridge_agrees_on_resid_post(smollm2):
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        smollm2.hf.config._name_or_path,
-        hf_model=smollm2.hf,
-        tokenizer=smollm2.tokenizer,
-        device="cpu",
-    )
+    from mahals.models import load_model
+
     ids = smollm2.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    ours = capture(smollm2, [ids[0]], pool="none").per_text[0]
+    # The bridge re-wraps the HF model's modules in place: give it its own copy, so the
+    # session's shared model stays a plain HF model for the other tests.
+    own = load_model("SmolLM2-135M-Instruct", device="cpu", verbose=False)
+    bridge = TransformerBridge.boot_transformers(
+        own.hf.config._name_or_path, hf_model=own.hf, tokenizer=own.tokenizer, device="cpu"
+    )
     _, cache = bridge.run_with_cache(
         ids, names_filter=lambda name: name.endswith("hook_resid_post")
     )
-    ours = capture(smollm2, [ids[0]], pool="none").per_text[0]
     for layer in range(smollm2.n_layers):
         theirs = cache[f"blocks.{layer}.hook_resid_post"][0]
         scale = theirs.abs().max().item()
@@ -69,8 +71,10 @@ def test_a_gguf_path_and_its_tokenizer_load_directly(smollm2):
     assert path.suffix == ".gguf" and path.is_file()
     direct = load_model(str(path), device="cpu", verbose=False)
     ids = smollm2.tokenizer("Paris is lovely", return_tensors="pt")["input_ids"]
-    reference = dict(smollm2.hf.named_parameters())
-    assert all(torch.equal(p, reference[name]) for name, p in direct.hf.named_parameters())
+    reference = smollm2.hf.state_dict()
+    loaded = direct.hf.state_dict()
+    assert loaded.keys() == reference.keys()
+    assert all(torch.equal(tensor, reference[name]) for name, tensor in loaded.items())
     with torch.no_grad():
         expected = smollm2.hf(ids).logits
         # Same weights; CPU matmul kernels may still round differently per allocation.
