@@ -119,19 +119,10 @@ def resolve_models(keys: Sequence[str], registry: Registry) -> dict[str, ModelSp
 
 
 def load_dataset(config: Phase1Config) -> SafetyDataset:
-    if config.dataset_format == "xstest":
-        return load_xstest(
-            config.dataset,
-            mode=config.mode if config.per_cell is None else None,
-            per_cell=config.per_cell,
-            seed=config.seed,
-        )
-    return load_litmus(
-        config.dataset,
-        mode=config.mode if config.per_cell is None else None,
-        per_cell=config.per_cell,
-        seed=config.seed,
-    )
+    """The run's labelled prompts (``per_cell`` overrides the mode's rows per cell)."""
+    loader = load_xstest if config.dataset_format == "xstest" else load_litmus
+    mode = config.mode if config.per_cell is None else None
+    return loader(config.dataset, mode=mode, per_cell=config.per_cell, seed=config.seed)
 
 
 def _display_name(key: str, spec: ModelSpec, registry: Registry) -> str:
