@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import RandomLoader  # noqa: E402
 
-from mahals.capture import capture  # noqa: E402
+from mahals.activations import capture  # noqa: E402
 from mahals.registry import ModelSpec  # noqa: E402
 
 

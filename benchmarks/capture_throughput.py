@@ -30,7 +30,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import report  # noqa: E402
 
-from mahals.capture import capture
+from mahals.activations import capture
 from mahals.models import load_model
 
 LLAMA_8B = dict(

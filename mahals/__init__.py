@@ -9,13 +9,12 @@ The everyday entry points are re-exported here::
     vector = mahals.SteeringVector.from_diff(h_base, h_tuned)
 
 ``mahals.capture`` is the function; its module's other names (``Activations``, ``tokenize`` …)
-are imported with ``from mahals.capture import …``.
+are imported with ``from mahals.activations import …``.
 """
 
-__version__ = "0.1.0"
-
 from mahals import aqi  # noqa: E402
-from mahals.capture import Activations, TokenActivations, capture  # noqa: E402
+from mahals._version import __version__
+from mahals.activations import Activations, TokenActivations, capture  # noqa: E402
 from mahals.models import MahalsModel, load_model, load_tokenizer  # noqa: E402
 from mahals.registry import load_registry  # noqa: E402
 from mahals.steering import SteeringVector, difference_svd  # noqa: E402

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from mahals.checkpoint import atomic_write_json
+from mahals.io import atomic_write_json
 
 if TYPE_CHECKING:
     from mahals.data import SafetyDataset
@@ -1005,7 +1005,7 @@ def evaluate(
         raise ValueError("pass a model or precomputed activations")
     if mode == "reference" and not isinstance(layer, int):
         raise ValueError("reference mode scores a single layer (the seed used the last)")
-    from mahals.capture import capture
+    from mahals.activations import capture
 
     captured = capture(
         model,

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from mahals.checkpoint import atomic_write_bytes
+from mahals.io import atomic_write_bytes
 
 __all__ = [
     "Values",

@@ -66,8 +66,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-import mahals
-from mahals.checkpoint import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
+from mahals._version import __version__
+from mahals.io import atomic_write_bytes, atomic_write_json, load_tensors, save_tensors
 
 __all__ = ["SteeringVector", "DifferenceSVD", "DSteerStats", "difference_svd"]
 
@@ -142,7 +142,7 @@ class SteeringVector:
     kind: str = "mean_diff"
     description: str = ""
     created: str = field(default_factory=_now_iso)
-    mahals_version: str = mahals.__version__
+    mahals_version: str = __version__
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -245,7 +245,7 @@ class SteeringVector:
     def _derive(self, vectors: Tensor, kind: str) -> SteeringVector:
         """Same provenance, new rows and kind, fresh timestamp and version."""
         return replace(
-            self, vectors=vectors, kind=kind, created=_now_iso(), mahals_version=mahals.__version__
+            self, vectors=vectors, kind=kind, created=_now_iso(), mahals_version=__version__
         )
 
     def __add__(self, other: object) -> SteeringVector:

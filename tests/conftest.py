@@ -16,9 +16,10 @@ from jaxtyping import install_import_hook
 
 with install_import_hook("mahals", "beartype.beartype"):
     import mahals  # noqa: F401
-    import mahals.capture  # noqa: F401
-    import mahals.checkpoint  # noqa: F401
+    import mahals.activations  # noqa: F401
     import mahals.data  # noqa: F401
+    import mahals.io  # noqa: F401
+    import mahals.pipelines.checkpoint  # noqa: F401
     import mahals.plots  # noqa: F401
     import mahals.steering  # noqa: F401
 

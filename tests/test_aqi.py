@@ -426,7 +426,7 @@ def test_evaluate_with_precomputed_activations_and_a_dataset():
 def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monkeypatch):
     import sys
 
-    capture_module = sys.modules["mahals.capture"]  # the attribute mahals.capture is the function
+    capture_module = sys.modules["mahals.activations"]  # the attribute mahals.capture is the function
     x, axioms, labels = synthetic_run()
     dataset = SafetyDataset(tuple(map(str, range(len(axioms)))), tuple(axioms), tuple(labels))
     calls = []

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mahals.activations import capture
 from mahals.arch import ADAPTERS, check_adapter
-from mahals.capture import capture
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -160,7 +160,7 @@ def test_bad_inputs_are_named(tiny_model):
 
 
 def test_batch_plan_sorts_by_length_and_respects_both_caps():
-    from mahals.capture import plan_batches
+    from mahals.activations import plan_batches
 
     lengths = [5, 40, 12, 40, 3, 25, 7, 100]
     batches = plan_batches(lengths, batch_size=3, max_batch_tokens=80)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from mahals import checkpoint as checkpoint_module
-from mahals.checkpoint import (
+from mahals import io as io_module
+from mahals.io import atomic_write_json
+from mahals.pipelines.checkpoint import (
     Checkpoint,
     CheckpointChoice,
     CheckpointError,
     add_checkpoint_flags,
-    atomic_write_json,
     stdin_is_terminal,
 )
 
@@ -315,7 +315,7 @@ def test_crash_in_rename_keeps_the_old_checkpoint_and_no_temp_file(
     def crash(*args: object) -> None:
         raise OSError("simulated crash during rename")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(io_module.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         checkpoint.record("Qwen2_7B", {"aqi": 15.0})
     monkeypatch.undo()
@@ -333,7 +333,7 @@ def test_crash_while_writing_keeps_the_old_checkpoint_and_no_temp_file(
     def crash(fd: int) -> None:
         raise KeyboardInterrupt  # e.g. Ctrl-C between write and fsync
 
-    monkeypatch.setattr(checkpoint_module.os, "fsync", crash)
+    monkeypatch.setattr(io_module.os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.record("Qwen2_7B", {"aqi": 15.0})
     monkeypatch.undo()

@@ -16,8 +16,8 @@ import torch
 import transformers
 
 from mahals.aqi import AQIReport, evaluate_activations
-from mahals.checkpoint import load_tensors
 from mahals.data import load_litmus
+from mahals.io import load_tensors
 from mahals.pipelines import phase1
 
 from conftest import kill_after_first_checkpoint, partial_writes, tiny_config

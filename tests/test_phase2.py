@@ -20,12 +20,13 @@ import torch
 import transformers
 from safetensors import safe_open
 
+from mahals.activations import capture
 from mahals.arch import attn_implementation_for
-from mahals.capture import capture
-from mahals.checkpoint import CheckpointChoice, load_tensors
 from mahals.data import PreferenceDataError, format_pair_texts, load_hh_rlhf
+from mahals.io import load_tensors
 from mahals.models import load_model
 from mahals.pipelines import phase2
+from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.phase2 import Phase2Config, run_phase2
 from mahals.registry import Registry, load_registry
 from mahals.steering import SteeringVector

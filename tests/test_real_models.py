@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mahals.capture import capture
+from mahals.activations import capture
 
 pytestmark = pytest.mark.slow
 

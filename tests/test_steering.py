@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import mahals
+from mahals._version import __version__
 
 # Like conftest.py does for the rest of mahals: jaxtyping + beartype check every shape annotation
 # of mahals.steering while these tests run (a no-op if another test module imported it first).
@@ -48,7 +48,7 @@ def test_from_diff_matches_float64_reference():
     assert vector.n_samples == 10_000
     assert vector.kind == "mean_diff"
     assert vector.dataset == "toy"
-    assert vector.mahals_version == mahals.__version__
+    assert vector.mahals_version == __version__
 
 
 def test_from_diff_default_layers_and_shape_errors():

@@ -16,9 +16,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-import mahals
-from mahals.checkpoint import Checkpoint, CheckpointChoice, load_tensors, save_tensors
+from mahals._version import __version__
+from mahals.io import load_tensors, save_tensors
 from mahals.models import MahalsModel, load_model
+from mahals.pipelines.checkpoint import Checkpoint, CheckpointChoice
 from mahals.registry import ModelSpec
 
 __all__ = [
@@ -203,7 +204,7 @@ def write_activation_cache(
 ) -> None:
     """Save activations with their identity (and any other string metadata) atomically."""
     save_tensors(
-        path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": mahals.__version__}
+        path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": __version__}
     )
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mahals.checkpoint import add_checkpoint_flags
 from mahals.pipelines import phase1, phase2
+from mahals.pipelines.checkpoint import add_checkpoint_flags
 from mahals.pipelines.common import banner
 
 __all__ = ["add_arguments", "run_from_args"]

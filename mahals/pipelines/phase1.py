@@ -24,16 +24,12 @@ from typing import Any, Literal
 import torch
 
 from mahals import plots
+from mahals.activations import capture
 from mahals.aqi import AQIReport, evaluate_activations
-from mahals.capture import capture
-from mahals.checkpoint import (
-    CheckpointChoice,
-    add_checkpoint_flags,
-    atomic_write_json,
-    atomic_write_text,
-)
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID
+from mahals.io import atomic_write_json, atomic_write_text
+from mahals.pipelines.checkpoint import CheckpointChoice, add_checkpoint_flags
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     RULE,

@@ -54,15 +54,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-import mahals
 from mahals import plots
-from mahals.capture import capture
-from mahals.checkpoint import (
-    CheckpointChoice,
-    CheckpointError,
-    add_checkpoint_flags,
-    atomic_write_json,
-)
+from mahals._version import __version__
+from mahals.activations import capture
 from mahals.data.hh_rlhf import (
     HH_RLHF_HUB_ID,
     PairingRule,
@@ -72,7 +66,9 @@ from mahals.data.hh_rlhf import (
     load_hh_rlhf,
     tokenization_mismatches,
 )
+from mahals.io import atomic_write_json
 from mahals.models import MahalsModel, load_model, load_tokenizer
+from mahals.pipelines.checkpoint import CheckpointChoice, CheckpointError, add_checkpoint_flags
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     WIDE_RULE,
@@ -844,7 +840,7 @@ def _extract_pair(
         "peak_gpu_memory_gb": (
             round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None
         ),
-        "mahals_version": mahals.__version__,
+        "mahals_version": __version__,
     }
     atomic_write_json(run.folder / "metadata.json", metadata)
     return result
@@ -882,7 +878,7 @@ def _write_summary(
             "pairs": dict(results),
             "pending": list(pending),
             "created": _now(),
-            "mahals_version": mahals.__version__,
+            "mahals_version": __version__,
         },
     )
 
@@ -996,7 +992,7 @@ def find_demo_hh_rlhf(explicit: str | os.PathLike[str] | None = None) -> Path:
     if explicit is not None:
         candidates = [Path(explicit)]
     else:
-        checkout = Path(mahals.__file__).resolve().parents[2]
+        checkout = Path(__file__).resolve().parents[3]
         candidates = [
             Path.cwd() / ".." / "shared" / "data" / "hh-rlhf",
             checkout / "shared" / "data" / "hh-rlhf",

@@ -1,8 +1,4 @@
-"""Atomic writes and resumable checkpoints.
-
-Every file mahals writes goes through :func:`atomic_write_bytes` (write to a temporary file in
-the same directory, fsync, ``os.replace``), so a crash leaves either the old file or the new
-one, never a partial file.
+"""Resumable checkpoints of the study's multi-item runs.
 
 :class:`Checkpoint` records a multi-item run (one item per model or model pair) so that an
 interrupted run resumes where it stopped; Phase 1 and Phase 2.1 share it.
@@ -14,22 +10,15 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save
+from mahals.io import atomic_write_json
 
 __all__ = [
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "save_tensors",
-    "load_tensors",
     "Checkpoint",
     "CheckpointChoice",
     "CheckpointError",
@@ -38,67 +27,6 @@ __all__ = [
     "stdin_is_terminal",
 ]
 
-
-def _process_umask() -> int:
-    """The process umask (reading it means setting it, so it is restored at once)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_NEW_FILE_MODE = 0o666 & ~_process_umask()
-"""Permissions of files mahals writes: what ``open()`` would give them (read at import)."""
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _NEW_FILE_MODE)  # mkstemp creates 0o600; give the usual umask mode
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 ``text`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def save_tensors(
-    path: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-) -> Path:
-    """Save named tensors as safetensors, atomically (tensors are made contiguous on CPU)."""
-    payload = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    return atomic_write_bytes(path, save(payload, metadata=dict(metadata) if metadata else None))
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file written by :func:`save_tensors`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no safetensors file at {path}")
-    return load_file(path)
-
-
-# --------------------------------------------------------------------------------------------
-# Resumable per-item checkpoints (shared by Phase 1 and Phase 2.1)
-# --------------------------------------------------------------------------------------------
 
 CHECKPOINT_FORMAT = "mahals.checkpoint"
 CHECKPOINT_VERSION = 1
