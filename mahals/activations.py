@@ -12,8 +12,8 @@ How the work is arranged, and why:
 * mahals pads itself (right by default, or left) and passes ``position_ids`` computed from the
   attention mask, so a text gets the same activations whatever its batch, padding side and
   batch size;
-* one ``trace`` per batch reads each requested layer's output, pools it on the device in float32
-  and stops the forward pass after the last requested layer (the final norm and the LM head are
+* one trace per batch (:func:`mahals.tracing.run_trace`, which also applies any steering) reads
+  each requested layer's output, pools it on the device in float32 and stops the forward pass after the last requested layer (the final norm and the LM head are
   never run: their output is not needed); no KV cache is built (``use_cache=False``: HF would
   otherwise keep every layer's keys and values alive, 1–2 GB on a 7–9B model);
 * only the pooled ``[batch, layers, d_model]`` block leaves the GPU, copied asynchronously into
@@ -32,11 +32,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mahals.models import MahalsModel
+from mahals.tracing import Batch, Intervention, run_trace
 
-__all__ = ["Activations", "TokenActivations", "capture", "tokenize", "plan_batches", "POOLS"]
+__all__ = [
+    "Activations",
+    "TokenActivations",
+    "capture",
+    "tokenize",
+    "plan_batches",
+    "pooling_reader",
+    "POOLS",
+    "SINK_RULES",
+]
 
 Pool = Literal["mean", "last", "first", "none"]
 POOLS: tuple[str, ...] = ("mean", "last", "first", "none")
+SinkRule = Literal["none", "first", "norm"]
+SINK_RULES: tuple[str, ...] = ("none", "first", "norm")
 Messages = Sequence[Mapping[str, str]]
 
 
@@ -48,6 +60,7 @@ class Activations:
         tensor: float32 CPU ``[n_texts, n_layers, d_model]``, row *i* = input *i*.
         layers: the model-layer index of each entry of dimension 1.
         pool: how tokens were pooled (``mean`` over real tokens, ``last`` or ``first`` real token).
+        sinks: which attention-sink tokens a ``mean`` pool left out (see :func:`capture`).
         n_tokens: real (unpadded) token count of each text, ``[n_texts]``.
         model: name of the model they came from.
     """
@@ -58,6 +71,7 @@ class Activations:
     n_tokens: Int[Tensor, " n"]
     model: str
     n_model_layers: int
+    sinks: str = "none"
 
     def __len__(self) -> int:
         return self.tensor.shape[0]
@@ -222,27 +236,37 @@ def plan_batches(
     return batches
 
 
-def _pad(batch: list[list[int]], pad_id: int, side: str, device: torch.device):
-    length = max(len(seq) for seq in batch)
-    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, seq in enumerate(batch):
-        span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
-        ids[row, span] = torch.tensor(seq)
-        mask[row, span] = 1
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    if device.type != "cuda":
-        return ids, mask, position_ids
-    # Pinned + non_blocking: a pageable copy would wait for the GPU to finish the previous batch.
-    return tuple(t.pin_memory().to(device, non_blocking=True) for t in (ids, mask, position_ids))
+def _mean_weights(hidden: Tensor, batch: Batch, sinks: SinkRule, norm_ratio: float) -> Tensor:
+    """``[batch, tokens]`` float32 weights of a sink-aware mean over each row's real tokens."""
+    mask = batch.token_mask()
+    if sinks != "none":
+        rows = torch.arange(batch.size, device=mask.device)
+        keep = mask.clone()
+        keep[rows, batch.first] = 0
+        if sinks == "norm":
+            norms = hidden.float().norm(dim=-1)
+            real = torch.where(keep.bool(), norms, torch.nan)
+            median = real.nanmedian(dim=-1, keepdim=True).values
+            keep = keep * (norms <= norm_ratio * median).float()
+        # A text whose every token is a sink keeps them all rather than pooling nothing.
+        empty = keep.sum(-1, keepdim=True) == 0
+        mask = torch.where(empty, mask, keep)
+    return mask / mask.sum(-1, keepdim=True)
 
 
-def _pool(hidden: Tensor, pool: str, weights: Tensor, last: Tensor, first: Tensor) -> Tensor:
-    """``[batch, tokens, d]`` → ``[batch, d]`` float32 on the device."""
-    if pool == "mean":
-        return torch.bmm(weights.unsqueeze(1), hidden.float()).squeeze(1)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    return hidden[rows, last if pool == "last" else first].float()
+def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0):
+    """A :data:`mahals.tracing.LayerReader` that pools ``[batch, tokens, d]`` → ``[batch, d]``
+    float32 on the device (``mean`` over real tokens, optionally without attention sinks;
+    ``last`` / ``first`` real token)."""
+
+    def read(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
+        if pool == "mean":
+            weights = _mean_weights(hidden, batch, sinks, norm_ratio)
+            return torch.bmm(weights.unsqueeze(1), hidden.float()).squeeze(1)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, batch.last if pool == "last" else batch.first].float()
+
+    return read
 
 
 def capture(
@@ -251,12 +275,15 @@ def capture(
     *,
     layers: int | Sequence[int] | None = None,
     pool: Pool = "mean",
+    sinks: SinkRule = "none",
+    sink_norm_ratio: float = 10.0,
     batch_size: int | None = None,
     max_batch_tokens: int | None = None,
     max_length: int | None = None,
     chat: bool = False,
     add_generation_prompt: bool = False,
     padding_side: Literal["right", "left"] = "right",
+    interventions: Sequence[Intervention] | None = None,
     progress: bool | None = None,
 ) -> Activations | TokenActivations:
     """Residual-stream activations of ``inputs`` at the output of decoder layers.
@@ -267,6 +294,12 @@ def capture(
         layers: model-layer indices (negative counts from the end); ``None`` = all layers.
         pool: ``"mean"`` over real tokens, ``"last"`` / ``"first"`` real token, or ``"none"``
             for per-token output (:class:`TokenActivations`; meant for a few texts).
+        sinks: attention-sink tokens left out of a ``"mean"`` pool: ``"none"`` keeps every
+            token; ``"first"`` drops each text's first token (the sink of most models: BOS, or
+            the first word when there is no BOS); ``"norm"`` also drops tokens whose norm at
+            that layer exceeds ``sink_norm_ratio`` × the text's median token norm. A text with
+            no token left keeps all of its tokens.
+        sink_norm_ratio: threshold of ``sinks="norm"`` (a multiple of the median norm).
         batch_size: texts per forward pass; defaults to the registry's batch size or 16.
         max_batch_tokens: also cap each batch's padded size (texts x longest text) at this
             many tokens, which bounds activation memory whatever the text lengths.
@@ -274,6 +307,8 @@ def capture(
         chat: render plain strings as single user turns through the chat template.
         add_generation_prompt: append the assistant header when rendering chat inputs.
         padding_side: how batches are padded; results do not depend on it.
+        interventions: writers applied during the forward (:mod:`mahals.tracing`); ``None``
+            uses the model's active steering, ``()`` none.
         progress: show a progress bar (``None``: only on a terminal).
 
     Returns:
@@ -282,6 +317,10 @@ def capture(
     """
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r} is not one of {POOLS}")
+    if sinks not in SINK_RULES:
+        raise ValueError(f"sinks={sinks!r} is not one of {SINK_RULES}")
+    if sinks != "none" and pool != "mean":
+        raise ValueError(f"sinks={sinks!r} applies to pool='mean' only, not pool={pool!r}")
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'")
     layer_ids = _resolve_layers(model, layers)
@@ -296,15 +335,25 @@ def capture(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     device = model.device
     n_tokens = torch.tensor([len(seq) for seq in sequences])
+    reader = None if pool == "none" else pooling_reader(pool, sinks, sink_norm_ratio)
+
+    def trace(rows: list[int]) -> tuple[list[Tensor], Batch]:
+        batch = Batch.pad(
+            [sequences[i] for i in rows], pad_id=pad_id, side=padding_side, device=device
+        )
+        reads, _ = run_trace(
+            model, batch, read_layers=layer_ids, reader=reader, interventions=interventions
+        )
+        return reads, batch
 
     if pool == "none":
         per_text: list[Tensor | None] = [None] * len(sequences)
-        for batch in batches:
-            stacked, mask = _trace_batch(
-                model, [sequences[i] for i in batch], layer_ids, pool, pad_id, padding_side, device
-            )
-            for row, index in enumerate(batch):
-                per_text[index] = stacked[row][:, mask[row].bool()].float().cpu()
+        for rows in batches:
+            reads, batch = trace(rows)
+            stacked = torch.stack(reads, dim=1)  # [batch, layers, tokens, d]
+            for row, index in enumerate(rows):
+                real = batch.attention_mask[row].bool()
+                per_text[index] = stacked[row][:, real].float().cpu()
         return TokenActivations(per_text, sequences, layer_ids, model.name)
 
     on_cuda = device.type == "cuda"
@@ -316,19 +365,17 @@ def capture(
         desc=f"capture {model.name}",
         unit="text",
     ) as bar:
-        for batch in batches:
-            pooled, _ = _trace_batch(
-                model, [sequences[i] for i in batch], layer_ids, pool, pad_id, padding_side, device
-            )
-            staged = _Staged.start(batch, pooled, on_cuda)
+        for rows in batches:
+            reads, _ = trace(rows)
+            staged = _Staged.start(rows, torch.stack(reads, dim=1), on_cuda)
             # Land the previous batch only now: its copy finished long ago, while this batch's
             # kernels keep the GPU busy as the host prepares the next one.
             if in_flight is not None:
                 in_flight.land(out)
             in_flight = staged
-            bar.update(len(batch))
+            bar.update(len(rows))
         in_flight.land(out)
-    return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers)
+    return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
 
 
 @dataclass
@@ -353,31 +400,3 @@ class _Staged:
         if self.done is not None:
             self.done.synchronize()
         out[torch.tensor(self.rows)] = self.host
-
-
-def _trace_batch(model, batch, layer_ids, pool, pad_id, padding_side, device):
-    """One nnsight trace: ``[batch, layers, d]`` pooled (or ``[batch, layers, tokens, d]``)."""
-    ids, mask, position_ids = _pad(batch, pad_id, padding_side, device)
-    lengths = mask.sum(-1, keepdim=True)
-    weights = mask.float() / lengths
-    positions = torch.arange(mask.shape[1], device=device)
-    last = (mask * positions).argmax(-1)
-    first = mask.argmax(-1)
-    adapter, envoys = model.adapter, model.layers
-    keep_tokens = pool == "none"
-    with (
-        torch.inference_mode(),
-        model.nn.trace(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False
-        ) as tracer,
-    ):
-        collected = []
-        for layer in layer_ids:
-            hidden = adapter.unwrap(envoys[layer].output)
-            if keep_tokens:
-                collected.append(hidden.clone() if adapter.adds_in_place else hidden)
-            else:
-                collected.append(_pool(hidden, pool, weights, last, first))
-        stacked = torch.stack(collected, dim=1).save()
-        tracer.stop()
-    return stacked, mask

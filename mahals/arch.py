@@ -60,6 +60,21 @@ class ArchAdapter:
         """The residual-stream tensor ``[batch, tokens, d_model]`` inside a layer's output."""
         return layer_output[0] if self.output_is_tuple else layer_output
 
+    def write(self, layer_output, hidden) -> None:
+        """Replace the residual-stream values inside a layer's output with ``hidden``.
+
+        In place, so the value the next block receives is the one written: a tuple output
+        cannot be re-assigned element-wise under nnsight, and an in-place copy works for both
+        packings.
+        """
+        residual = self.unwrap(layer_output)
+        if residual.shape != hidden.shape:
+            raise ValueError(
+                f"{self.name}: cannot write hidden states of shape {tuple(hidden.shape)} into a "
+                f"layer output of shape {tuple(residual.shape)}"
+            )
+        residual.copy_(hidden)
+
 
 _DECODER = {"layers": "model.layers", "final_norm": "model.norm", "embed": "model.embed_tokens"}
 

@@ -14,12 +14,14 @@ import gc
 import hashlib
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from nnsight.modeling.transformers import TransformersModel
@@ -27,6 +29,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from mahals.arch import ArchAdapter, adapter_for, attn_implementation_for
 from mahals.registry import ModelSpec, Registry, RegistryError, load_registry
+
+if TYPE_CHECKING:
+    from mahals.tracing import Generation
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "MahalsModel",
@@ -51,6 +58,8 @@ class MahalsModel:
         adapter: the architecture row from :data:`mahals.arch.ADAPTERS`.
         name: registry key, hub id or path it came from.
         spec: the registry entry, when loaded by key.
+        active_interventions: the :class:`mahals.tracing.Intervention` objects every trace of
+            this model applies (managed by :func:`mahals.steering.apply.steering`).
     """
 
     nn: TransformersModel
@@ -58,6 +67,7 @@ class MahalsModel:
     adapter: ArchAdapter
     name: str
     spec: ModelSpec | None = None
+    active_interventions: list = field(default_factory=list, repr=False)
     _freed: bool = field(default=False, repr=False)
 
     @property
@@ -100,24 +110,33 @@ class MahalsModel:
         self._check_alive()
         return self.nn.layers
 
-    def generate(self, prompt: str, *, max_new_tokens: int = 32, chat: bool | None = None) -> str:
-        """Greedy continuation of ``prompt`` (through the chat template when the model has one)."""
+    def generate(
+        self,
+        prompts,
+        *,
+        max_new_tokens: int = 32,
+        chat: bool | None = None,
+        max_length: int | None = None,
+        **generate_kwargs,
+    ) -> Generation:
+        """Greedy continuations of ``prompts`` in one left-padded batch, through nnsight.
+
+        ``prompts``: texts (rendered as user turns through the chat template when the model
+        has one, unless ``chat=False``), chat conversations, or token-id lists — as
+        :func:`mahals.activations.tokenize` takes them. Active steering
+        (:func:`mahals.steering.apply.steering`) reaches the prompt pass and every decoding
+        step. Returns a :class:`mahals.tracing.Generation` (texts, token ids).
+        """
+        from mahals.activations import tokenize
+        from mahals.tracing import generate
+
+        if isinstance(prompts, str):
+            raise TypeError("generate takes a list of prompts, not one string: wrap it as [text]")
         chat = self.has_chat_template if chat is None else chat
-        if chat:
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).to(
-            self.device
+        sequences = tokenize(
+            self, prompts, chat=chat, add_generation_prompt=chat, max_length=max_length
         )
-        with torch.no_grad():
-            out = self.hf.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
-            )
-        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return generate(self, sequences, max_new_tokens=max_new_tokens, **generate_kwargs)
 
     def free(self) -> None:
         """Drop the weights and return their GPU memory to the device."""
@@ -279,28 +298,40 @@ def load_model(
         source: registry key (``"SmolLM2-135M-Instruct"``), hub id, local checkpoint directory,
             ``.gguf`` file, or a built ``transformers`` model (then ``tokenizer`` is required).
         tokenizer: a tokenizer or where to load one from; defaults to the model's own.
-        dtype: defaults to bfloat16 on CUDA and float32 on CPU (GGUF weights are dequantised).
-        device: defaults to CUDA when available; ignored when ``device_map`` is given.
+        dtype: defaults to bfloat16 on CUDA and float32 on CPU (GGUF weights are dequantised);
+            a built model keeps its own dtype unless one is given (it is then cast in place).
+        device: defaults to CUDA when available; ignored when ``device_map`` is given; a built
+            model stays where it is unless one is given (it is then moved in place).
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
         attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
         registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
 
-    Prints one ``GPU Memory: free / total`` line after loading on CUDA (when ``verbose``).
+    Logs one ``GPU Memory: free / total`` line after loading on CUDA (when ``verbose``).
+    Raises :class:`~mahals.registry.RegistryError` when a registry entry's ``n_layers`` /
+    ``d_model`` disagree with the loaded config.
     """
     registry = registry or load_registry()
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     spec = None
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError(
                 "load_model got a built transformers model but no tokenizer: pass tokenizer="
             )
+        if device_map is not None:
+            raise ValueError(
+                "load_model got a built transformers model and device_map=: a built model is "
+                "already placed; dispatch it yourself (accelerate) or load it from its checkpoint"
+            )
         hf_model, name = (
             source,
             getattr(source.config, "_name_or_path", None) or type(source).__name__,
         )
+        # A built model is the caller's: moved or cast only when asked to.
+        if dtype is not None or device is not None:
+            hf_model.to(device=device, dtype=dtype)
     else:
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         name = str(source)
         resolved, spec = _checkpoint_location(name, registry)
         placement = {"device_map": device_map} if device_map is not None else {}
@@ -326,6 +357,8 @@ def load_model(
             hf_model.to(device)
         if tokenizer is None:
             tokenizer = resolved
+    if spec is not None:
+        _check_registry_shape(spec, hf_model.config)
     if isinstance(tokenizer, str | os.PathLike):
         tokenizer = _load_tokenizer(tokenizer, name)
     hf_model.eval()
@@ -337,8 +370,19 @@ def load_model(
     model = MahalsModel(nn=wrapped, tokenizer=tokenizer, adapter=adapter, name=name, spec=spec)
     line = gpu_memory_line(model.device) if model.device.type == "cuda" else None
     if verbose and line:
-        print(line)
+        logger.info(line)
     return model
+
+
+def _check_registry_shape(spec: ModelSpec, config) -> None:
+    """The registry's ``n_layers`` / ``d_model`` must describe the weights that were loaded."""
+    loaded = (config.num_hidden_layers, config.hidden_size)
+    if (spec.n_layers, spec.d_model) != loaded:
+        raise RegistryError(
+            f"registry entry {spec.key!r} says {spec.n_layers} layers x d_model {spec.d_model}, "
+            f"but the checkpoint loaded from {spec.source!r} has {loaded[0]} layers x d_model "
+            f"{loaded[1]}: fix the registry entry"
+        )
 
 
 def _load_tokenizer(where, name: str):

@@ -16,15 +16,39 @@ PROMPTS = ["The capital of France is", "Water boils at a temperature of", "How d
 def test_smollm2_loads_offline_and_knows_paris(smollm2):
     assert (smollm2.architecture, smollm2.n_layers, smollm2.d_model) == ("llama", 30, 576)
     assert smollm2.has_chat_template
-    assert "Paris" in smollm2.generate("What is the capital of France?", max_new_tokens=16)
+    answer = smollm2.generate(["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in answer.texts[0]
+
+
+def test_smollm2_generation_through_nnsight_equals_hf_generate(smollm2):
+    """Greedy, chat-templated, one left-padded batch of prompts of different lengths."""
+    from mahals.activations import tokenize
+    from mahals.tracing import Batch
+
+    prompts = ["What is the capital of France?", "Hi", "Name three colours of the rainbow."]
+    ours = smollm2.generate(prompts, max_new_tokens=12)
+    ids = tokenize(smollm2, prompts, chat=True, add_generation_prompt=True)
+    pad = smollm2.tokenizer.pad_token_id
+    batch = Batch.pad(ids, pad_id=pad, side="left")
+    with torch.no_grad():
+        out = smollm2.hf.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    for row, tokens in enumerate(ours.token_ids):
+        assert tokens == out[row, batch.input_ids.shape[1] :][: len(tokens)].tolist()
+        assert len(tokens) == 12 or tokens[-1] == smollm2.tokenizer.eos_token_id
 
 
 def test_gemma3_loads_offline_and_knows_paris(gemma3):
     assert (gemma3.architecture, gemma3.n_layers, gemma3.d_model) == ("gemma3_text", 18, 640)
     answer = gemma3.generate(
-        "Question: What is the capital of France?\nAnswer:", max_new_tokens=6, chat=False
+        ["Question: What is the capital of France?\nAnswer:"], max_new_tokens=6, chat=False
     )
-    assert "Paris" in answer
+    assert "Paris" in answer.texts[0]
 
 
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])

@@ -1,0 +1,349 @@
+"""The one place that reads and writes the residual stream: nnsight traces over a padded batch.
+
+Every forward pass mahals makes goes through :func:`run_trace` (one trace over one batch) or
+:func:`generate` (one nnsight generate trace: the prompt pass and every decoding step).
+
+* **Layer *l*** is the output of decoder layer *l* (the residual stream after block *l*).
+* A trace visits the layers it needs in forward order; at each one it first applies the
+  :class:`Intervention` objects that write there (in the order given), then reads — so a read
+  at a steered layer sees the write. Nothing outside :mod:`mahals.arch` knows how a layer's
+  output is packed (a plain tensor, or Falcon's ``(hidden, ...)`` tuple).
+* Reads are reduced on the device by a reader (e.g. pooling ``[batch, tokens, d]`` →
+  ``[batch, d]``) so no ``[batch, tokens, layers, d]`` tensor is built or moved to the host.
+* The forward stops after the last layer it needs, unless logits are asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from mahals.models import MahalsModel
+
+__all__ = [
+    "Batch",
+    "Generation",
+    "Intervention",
+    "LayerReader",
+    "LogitsReader",
+    "generate",
+    "interventions_fingerprint",
+    "run_trace",
+]
+
+PaddingSide = Literal["right", "left"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A padded batch of token sequences, as one forward pass sees it.
+
+    Attributes:
+        input_ids: ``[batch, tokens]`` token ids (padding where ``attention_mask`` is 0).
+        attention_mask: ``[batch, tokens]``, 1 on real tokens.
+        position_ids: ``[batch, tokens]``, 0 at each row's first real token.
+        first: ``[batch]`` index of each row's first real token.
+        last: ``[batch]`` index of each row's last real token.
+        step: 0 for a prompt pass; *k* ≥ 1 for the *k*-th decoding step of a generation, whose
+            hidden states hold one new token per row (``tokens`` = 1, every position real).
+    """
+
+    input_ids: Int[Tensor, "batch tokens"]
+    attention_mask: Int[Tensor, "batch tokens"]
+    position_ids: Int[Tensor, "batch tokens"]
+    first: Int[Tensor, " batch"]
+    last: Int[Tensor, " batch"]
+    step: int = 0
+
+    @classmethod
+    def pad(
+        cls,
+        sequences: Sequence[Sequence[int]],
+        *,
+        pad_id: int,
+        side: PaddingSide = "right",
+        device: torch.device | str = "cpu",
+    ) -> Batch:
+        """Pad token-id lists to one ``[batch, tokens]`` block on ``device``."""
+        if side not in ("right", "left"):
+            raise ValueError(f"padding side {side!r} must be 'right' or 'left'")
+        if not sequences or any(len(seq) == 0 for seq in sequences):
+            raise ValueError("Batch.pad needs at least one sequence, each with ≥ 1 token")
+        device = torch.device(device)
+        length = max(len(seq) for seq in sequences)
+        ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), length), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
+            ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, span] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        lengths = mask.sum(-1)
+        first = length - lengths if side == "left" else torch.zeros_like(lengths)
+        last = first + lengths - 1
+        host = (ids, mask, position_ids, first, last)
+        if device.type == "cuda":
+            # Pinned + non_blocking: a pageable copy would wait for the GPU to finish the
+            # previous batch.
+            host = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
+        return cls(*host)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.input_ids.device
+
+    @property
+    def is_prompt(self) -> bool:
+        return self.step == 0
+
+    def decoding_step(self, step: int) -> Batch:
+        """The batch as decoding step ``step`` ≥ 1 sees it: one real (generated) token per row."""
+        ones = torch.ones((self.size, 1), dtype=torch.long, device=self.device)
+        zeros = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        positions = (self.last - self.first + step).unsqueeze(1)
+        return Batch(ones.clone(), ones, positions, zeros, zeros, step)
+
+    def token_mask(self) -> Float[Tensor, "batch tokens"]:
+        """``attention_mask`` as float32, for masked reductions on the device."""
+        return self.attention_mask.to(torch.float32)
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """Something that writes to the residual stream during a trace.
+
+    ``layers`` are the decoder layers it writes. It is called once per written layer and
+    forward pass (prompt pass and each decoding step) with the layer index, that layer's
+    output hidden states ``[batch, tokens, d_model]`` (model dtype and device) and the
+    :class:`Batch`; it edits ``hidden`` in place and returns ``None``, or returns the new
+    hidden states (same shape), which are written back. ``fingerprint()`` is a stable string
+    that identifies what it does (caches fold it into their identity).
+    """
+
+    layers: tuple[int, ...]
+
+    def __call__(self, layer: int, hidden: Tensor, batch: Batch) -> Tensor | None: ...
+
+    def fingerprint(self) -> str: ...
+
+
+LayerReader = Callable[[int, Tensor, Batch], Tensor]
+"""``(layer, hidden [batch, tokens, d], batch) -> tensor``: what to keep of a layer's output."""
+
+LogitsReader = Callable[[Tensor, Batch], Tensor]
+"""``(logits [batch, tokens, vocab], batch) -> tensor``: what to keep of the model's logits."""
+
+
+def interventions_fingerprint(interventions: Sequence[Intervention]) -> str:
+    """One SHA-256 over the interventions' fingerprints, in order (``""`` when there are none)."""
+    if not interventions:
+        return ""
+    digest = hashlib.sha256()
+    for intervention in interventions:
+        digest.update(intervention.fingerprint().encode("utf-8") + b"\0")
+    return digest.hexdigest()
+
+
+def _check_layers(model: MahalsModel, layers: Sequence[int], what: str) -> None:
+    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+    if bad:
+        raise IndexError(
+            f"{what} layers {bad} out of range for {model.name!r}, which has "
+            f"{model.n_layers} layers (0..{model.n_layers - 1})"
+        )
+
+
+def _writers_by_layer(
+    model: MahalsModel, interventions: Sequence[Intervention]
+) -> dict[int, list[Intervention]]:
+    writers: dict[int, list[Intervention]] = {}
+    for intervention in interventions:
+        _check_layers(model, intervention.layers, type(intervention).__name__)
+        for layer in intervention.layers:
+            writers.setdefault(layer, []).append(intervention)
+    return writers
+
+
+def _apply(
+    model: MahalsModel, writers: Sequence[Intervention], layer: int, layer_output, batch: Batch
+) -> Tensor:
+    """Run the writers of ``layer`` in order; returns the (written) residual-stream tensor."""
+    hidden = model.adapter.unwrap(layer_output)
+    for intervention in writers:
+        new = intervention(layer, hidden, batch)
+        if new is not None and new is not hidden:
+            model.adapter.write(layer_output, new)
+    return hidden
+
+
+def run_trace(
+    model: MahalsModel,
+    batch: Batch,
+    *,
+    read_layers: Sequence[int] = (),
+    reader: LayerReader | None = None,
+    interventions: Sequence[Intervention] | None = None,
+    logits_reader: LogitsReader | None = None,
+) -> tuple[list[Tensor], Tensor | None]:
+    """One nnsight trace of ``model`` over ``batch``: write, then read, layer by layer.
+
+    Args:
+        model: from :func:`mahals.load_model`.
+        batch: the padded inputs (:meth:`Batch.pad`), on the model's device.
+        read_layers: decoder layers to read, ascending, no duplicates.
+        reader: reduces each read layer's hidden states on the device (default: keep them
+            whole, cloned — meant for a few texts).
+        interventions: writers applied at their layers before any read there; ``None`` uses
+            the model's active steering (:func:`mahals.steering.apply.steering`), ``()`` none.
+        logits_reader: when given, the forward runs to the LM head and this reduces the logits
+            ``[batch, tokens, vocab]`` on the device.
+
+    Returns:
+        ``(reads, logits)``: one tensor per read layer (what ``reader`` returned), and what
+        ``logits_reader`` returned (``None`` without one). Tensors stay on the device.
+    """
+    read_layers = list(read_layers)
+    if read_layers != sorted(set(read_layers)):
+        raise ValueError(f"read_layers must be ascending without duplicates, got {read_layers}")
+    _check_layers(model, read_layers, "read")
+    if interventions is None:
+        interventions = model.active_interventions
+    writers = _writers_by_layer(model, interventions)
+    visit = sorted(set(read_layers) | set(writers))
+    envoys = model.layers
+    # The trace body runs in nnsight's worker: results leave it through these lists (a plain
+    # assignment inside the block would not reach this frame).
+    reads: list[Tensor] = []
+    logits: list[Tensor] = []
+    with (
+        torch.inference_mode(),
+        warnings.catch_warnings(),
+        model.nn.trace(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ) as tracer,
+    ):
+        warnings.simplefilter("ignore", UserWarning)
+        for layer in visit:
+            output = envoys[layer].output
+            hidden = _apply(model, writers.get(layer, ()), layer, output, batch)
+            if layer in read_layers:
+                if reader is not None:
+                    reads.append(reader(layer, hidden, batch))
+                else:
+                    # A later block may add to this tensor in place (Falcon): keep a copy.
+                    reads.append(hidden.clone())
+        if logits_reader is not None:
+            logits.append(logits_reader(model.nn.output.logits, batch))
+        elif visit:
+            tracer.stop()
+    return reads, (logits[0] if logits else None)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Greedy (or sampled) continuations of a batch of prompts.
+
+    Attributes:
+        texts: decoded continuations, special tokens removed, in prompt order.
+        token_ids: generated token ids per prompt (up to and including the first EOS).
+        prompt_ids: the prompts' token ids (unpadded).
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_ids: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def _strip_after_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def _eos_ids(model: MahalsModel) -> set[int]:
+    eos = getattr(model.hf.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
+
+
+def generate(
+    model: MahalsModel,
+    sequences: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 32,
+    interventions: Sequence[Intervention] | None = None,
+    do_sample: bool = False,
+    **generate_kwargs,
+) -> Generation:
+    """Generate from token-id prompts in one left-padded batch through an nnsight generate trace.
+
+    Interventions reach the prompt pass (``batch.step == 0``) and every decoding step
+    (``batch.step`` = 1, 2, …; hidden states ``[batch, 1, d_model]``). Without interventions
+    and with ``do_sample=False`` the tokens equal ``hf.generate``'s greedy output on the same
+    left-padded batch.
+
+    Args:
+        model: from :func:`mahals.load_model`.
+        sequences: prompt token ids (e.g. from :func:`mahals.activations.tokenize`).
+        max_new_tokens: generation length cap (≥ 1).
+        interventions: as in :func:`run_trace` (``None``: the model's active steering).
+        do_sample: sample instead of greedy decoding; other keyword arguments go to
+            ``transformers``' ``generate``.
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
+    if interventions is None:
+        interventions = model.active_interventions
+    writers = _writers_by_layer(model, interventions)
+    tokenizer = model.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt = Batch.pad(sequences, pad_id=pad_id or 0, side="left", device=model.device)
+    envoys = model.layers
+    with (
+        torch.inference_mode(),
+        warnings.catch_warnings(),
+        model.nn.generate(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            pad_token_id=pad_id,
+            **generate_kwargs,
+        ) as tracer,
+    ):
+        # nnsight warns that an open `iter[:]` loop was cut short when generation ends: that is
+        # how every generation with an edit on all steps ends.
+        warnings.simplefilter("ignore", UserWarning)
+        with tracer.invoke(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask):
+            if writers:
+                for step in tracer.iter[:]:
+                    batch = prompt if step == 0 else prompt.decoding_step(step)
+                    for layer in sorted(writers):
+                        _apply(model, writers[layer], layer, envoys[layer].output, batch)
+        # Code after an open iter[:] loop in the same invoke never runs: read the result in its
+        # own invoke.
+        with tracer.invoke():
+            output = tracer.result.save()
+    new_tokens = output[:, prompt.input_ids.shape[1] :].tolist()
+    eos = _eos_ids(model)
+    token_ids = [_strip_after_eos(row, eos) for row in new_tokens]
+    texts = tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+    return Generation(texts, token_ids, [list(seq) for seq in sequences])

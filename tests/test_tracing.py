@@ -1,0 +1,242 @@
+"""The read/write tracing core on every adapter architecture, against plain HF forwards with
+torch hooks as the independent reference, and nnsight generation against ``hf.generate``."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pytest
+import torch
+import transformers
+
+from mahals.activations import capture
+from mahals.models import load_model
+from mahals.registry import RegistryError, load_registry
+from mahals.tracing import Batch, generate, interventions_fingerprint, run_trace
+
+from conftest import build_tiny, tiny_config
+
+PROMPTS = ["Hello there", "Why is the sky blue?", "A"]
+
+
+@dataclass
+class AddDelta:
+    """Adds ``delta`` ``[d]`` at ``layer`` on every position (returns a new tensor)."""
+
+    layer: int
+    delta: torch.Tensor
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def __call__(self, layer, hidden, batch):
+        return hidden + self.delta.to(hidden.dtype)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.delta.numpy().tobytes()).hexdigest()
+
+
+def _ids(model, texts):
+    return [model.tokenizer(t)["input_ids"] for t in texts]
+
+
+def _added(layer_output, delta):
+    """A layer's output with ``delta`` added to its residual stream (reference, plain torch)."""
+    if isinstance(layer_output, tuple):
+        return (layer_output[0] + delta,) + tuple(layer_output[1:])
+    return layer_output + delta
+
+
+def _hooked_states(model, text: str, layer: int | None = None, delta=None) -> torch.Tensor:
+    """``[L, tokens, d]`` float64 outputs of every decoder layer of one unpadded text, from a
+    plain HF forward, adding ``delta`` to ``layer``'s output with a torch forward hook."""
+    blocks = model.adapter.decoder_layers(model.hf)
+    seen = []
+    handles = []
+    for index, block in enumerate(blocks):
+
+        def hook(_m, _i, out, index=index):
+            if index == layer:
+                out = _added(out, delta)
+            seen.append(model.adapter.unwrap(out)[0].double().clone())
+            return out
+
+        handles.append(block.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.hf(**model.tokenizer(text, return_tensors="pt"))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(seen)
+
+
+def test_write_then_read_at_one_layer_and_downstream(tiny_model):
+    torch.manual_seed(1)
+    layer = 1
+    delta = torch.randn(tiny_model.d_model) * 3
+    text = PROMPTS[1]
+    batch = Batch.pad(_ids(tiny_model, [text]), pad_id=1, device="cpu")
+    reads, _ = run_trace(
+        tiny_model, batch, read_layers=[0, 1, 2], interventions=[AddDelta(layer, delta)]
+    )
+    plain = _hooked_states(tiny_model, text)
+    steered = _hooked_states(tiny_model, text, layer, delta)
+    # Layer before: unchanged; the written layer: exactly h + δ; downstream: what HF computes
+    # from the edited residual stream.
+    torch.testing.assert_close(reads[0][0].double(), plain[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reads[1][0].double(), plain[1] + delta.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(reads[2][0].double(), steered[2], rtol=1e-5, atol=1e-4)
+    assert (steered[2] - plain[2]).abs().max() > 1e-2  # the write really changed the output
+
+
+def test_read_after_write_sees_the_write_and_in_place_edits_work(tiny_model):
+    batch = Batch.pad(_ids(tiny_model, PROMPTS), pad_id=1, device="cpu")
+
+    class Zero:
+        layers = (2,)
+
+        def __call__(self, layer, hidden, batch):
+            hidden.zero_()  # in place, returns None
+
+        def fingerprint(self):
+            return "zero"
+
+    reads, _ = run_trace(tiny_model, batch, read_layers=[2], interventions=[Zero()])
+    assert torch.count_nonzero(reads[0]) == 0
+
+
+def test_interventions_stack_in_order_and_fingerprints_differ(tiny_model):
+    d = tiny_model.d_model
+    a, b = AddDelta(0, torch.ones(d)), AddDelta(0, 2 * torch.ones(d))
+    batch = Batch.pad(_ids(tiny_model, PROMPTS[:1]), pad_id=1, device="cpu")
+    plain, _ = run_trace(tiny_model, batch, read_layers=[0], interventions=())
+    both, _ = run_trace(tiny_model, batch, read_layers=[0], interventions=[a, b])
+    torch.testing.assert_close(both[0], plain[0] + 3, rtol=1e-6, atol=1e-5)
+    assert interventions_fingerprint([a, b]) != interventions_fingerprint([b, a])
+    assert interventions_fingerprint([]) == ""
+
+
+def test_capture_reads_what_an_intervention_wrote(tiny_model):
+    delta = torch.full((tiny_model.d_model,), 0.5)
+    plain = capture(tiny_model, PROMPTS, layers=[1], pool="mean")
+    steered = capture(tiny_model, PROMPTS, layers=[1], pool="mean", interventions=[AddDelta(1, delta)])
+    torch.testing.assert_close(steered.tensor, plain.tensor + 0.5, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_reader_runs_to_the_lm_head(tiny_model):
+    text = PROMPTS[1]
+    batch = Batch.pad(_ids(tiny_model, [text]), pad_id=1, device="cpu")
+    _, logits = run_trace(tiny_model, batch, logits_reader=lambda logits, _b: logits.clone())
+    with torch.no_grad():
+        expected = tiny_model.hf(**tiny_model.tokenizer(text, return_tensors="pt")).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_layers_are_named(tiny_model):
+    batch = Batch.pad(_ids(tiny_model, PROMPTS[:1]), pad_id=1, device="cpu")
+    with pytest.raises(IndexError, match=r"AddDelta layers \[7\] out of range"):
+        run_trace(tiny_model, batch, interventions=[AddDelta(7, torch.zeros(tiny_model.d_model))])
+    with pytest.raises(ValueError, match="ascending"):
+        run_trace(tiny_model, batch, read_layers=[2, 1])
+
+
+def test_batch_pad_positions_match_the_mask():
+    batch = Batch.pad([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert batch.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert batch.first.tolist() == [0, 2] and batch.last.tolist() == [2, 2]
+    step = batch.decoding_step(2)
+    assert step.position_ids.tolist() == [[4], [2]] and step.step == 2
+
+
+def _hf_greedy(model, texts, max_new_tokens):
+    tok = model.tokenizer
+    ids = _ids(model, texts)
+    batch = Batch.pad(ids, pad_id=tok.pad_token_id, side="left")
+    with torch.no_grad():
+        out = model.hf.generate(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    return ids, out[:, batch.input_ids.shape[1] :]
+
+
+def test_generation_through_nnsight_equals_hf_generate(tiny_model):
+    ids, expected = _hf_greedy(tiny_model, PROMPTS, 6)
+    result = generate(tiny_model, ids, max_new_tokens=6)
+    for row, tokens in enumerate(result.token_ids):
+        assert tokens == expected[row, : len(tokens)].tolist()
+    assert result.prompt_ids == ids
+
+
+def test_generation_applies_interventions_at_every_step(tiny_model):
+    """Steered generation equals HF generation with the same edit as a torch hook (which runs
+    on the prompt pass and every decoding step), and differs from unsteered generation."""
+    torch.manual_seed(0)
+    delta = torch.randn(tiny_model.d_model) * 4
+    ids = _ids(tiny_model, PROMPTS)
+    steered = generate(tiny_model, ids, max_new_tokens=6, interventions=[AddDelta(1, delta)])
+    block = tiny_model.adapter.decoder_layers(tiny_model.hf)[1]
+    handle = block.register_forward_hook(lambda _m, _i, out: _added(out, delta))
+    try:
+        _, expected = _hf_greedy(tiny_model, PROMPTS, 6)
+    finally:
+        handle.remove()
+    for row, tokens in enumerate(steered.token_ids):
+        assert tokens == expected[row, : len(tokens)].tolist()
+    plain = generate(tiny_model, ids, max_new_tokens=6)
+    assert plain.token_ids != steered.token_ids
+
+
+def test_built_model_takes_dtype_and_device_when_given(tiny_tokenizer):
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    kept = load_model(hf, tokenizer=tiny_tokenizer)
+    assert kept.dtype == torch.float32
+    cast = load_model(hf, tokenizer=tiny_tokenizer, dtype=torch.bfloat16, device="cpu")
+    assert cast.dtype == torch.bfloat16 and hf.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="built transformers model and device_map"):
+        load_model(hf, tokenizer=tiny_tokenizer, device_map="auto")
+
+
+def test_registry_shape_mismatch_names_both(tmp_path, tiny_tokenizer):
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    hf.save_pretrained(tmp_path / "ckpt")
+    tiny_tokenizer.save_pretrained(tmp_path / "ckpt")
+    registry_file = tmp_path / "registry.json"
+    registry_file.write_text(
+        '{"models": {"tiny": {"source": "%s", "architecture": "llama", "n_layers": 5, '
+        '"d_model": 64}}, "pairs": {}}' % (tmp_path / "ckpt")
+    )
+    registry = load_registry(registry_file)
+    with pytest.raises(RegistryError, match=r"says 5 layers x d_model 64.*has 3 layers x d_model 64"):
+        load_model("tiny", registry=registry, device="cpu")
+
+
+def test_sink_free_mean_pooling_equals_a_manual_mean(tiny_tokenizer):
+    model = build_tiny("llama", tiny_tokenizer)
+    texts = ["Hello there, friend", "Why?", "A"]
+    tokens = capture(model, texts, pool="none")
+    first = capture(model, texts, pool="mean", sinks="first", padding_side="left")
+    norm = capture(model, texts, pool="mean", sinks="norm", sink_norm_ratio=1.05)
+    for i, states in enumerate(tokens.per_text):
+        states = states.double()  # [L, tokens, d]
+        expected = states[:, 1:].mean(1) if states.shape[1] > 1 else states.mean(1)
+        torch.testing.assert_close(first.tensor[i].double(), expected, rtol=1e-5, atol=1e-5)
+        for layer in range(model.n_layers):
+            rest = states[layer, 1:]
+            if rest.shape[0] == 0:
+                continue
+            norms = rest.norm(dim=-1)
+            lower_median = norms.sort().values[(rest.shape[0] - 1) // 2]  # torch's median
+            keep = rest[norms <= 1.05 * lower_median]
+            torch.testing.assert_close(
+                norm.tensor[i, layer].double(), keep.mean(0), rtol=1e-5, atol=1e-5
+            )
+    with pytest.raises(ValueError, match="applies to pool='mean' only"):
+        capture(model, texts, pool="last", sinks="first")
