@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mahals.models import MahalsModel
-from mahals.tracing import Batch, Intervention, run_trace
+from mahals.tracing import Batch, Intervention, LayerReader, run_trace
 
 __all__ = [
     "Activations",
@@ -236,35 +236,45 @@ def plan_batches(
     return batches
 
 
-def _mean_weights(hidden: Tensor, batch: Batch, sinks: SinkRule, norm_ratio: float) -> Tensor:
-    """``[batch, tokens]`` float32 weights of a sink-aware mean over each row's real tokens."""
+def _sink_free_mask(hidden: Tensor, batch: Batch, sinks: SinkRule, norm_ratio: float) -> Tensor:
+    """``[batch, tokens]`` float32 mask of the real tokens a sink-aware mean keeps."""
     mask = batch.token_mask()
-    if sinks != "none":
-        rows = torch.arange(batch.size, device=mask.device)
-        keep = mask.clone()
-        keep[rows, batch.first] = 0
-        if sinks == "norm":
-            norms = hidden.float().norm(dim=-1)
-            real = torch.where(keep.bool(), norms, torch.nan)
-            median = real.nanmedian(dim=-1, keepdim=True).values
-            keep = keep * (norms <= norm_ratio * median).float()
-        # A text whose every token is a sink keeps them all rather than pooling nothing.
-        empty = keep.sum(-1, keepdim=True) == 0
-        mask = torch.where(empty, mask, keep)
-    return mask / mask.sum(-1, keepdim=True)
+    rows = torch.arange(batch.size, device=mask.device)
+    keep = mask.clone()
+    keep[rows, batch.first] = 0
+    if sinks == "norm":
+        norms = hidden.float().norm(dim=-1)
+        median = torch.where(keep.bool(), norms, torch.nan).nanmedian(dim=-1, keepdim=True).values
+        keep = keep * (norms <= norm_ratio * median).float()
+    # A text whose every token is a sink keeps them all rather than pooling nothing.
+    empty = keep.sum(-1, keepdim=True) == 0
+    return torch.where(empty, mask, keep)
 
 
-def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0):
+def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0) -> LayerReader:
     """A :data:`mahals.tracing.LayerReader` that pools ``[batch, tokens, d]`` → ``[batch, d]``
-    float32 on the device (``mean`` over real tokens, optionally without attention sinks;
-    ``last`` / ``first`` real token)."""
+    float32 on the device: ``mean`` over real tokens (optionally without attention sinks, see
+    :func:`capture`), or the ``last`` / ``first`` real token."""
+    per_batch: dict[str, object] = {"batch": None, "weights": None, "rows": None}
 
     def read(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
+        if per_batch["batch"] is not batch:
+            # Work that depends only on the batch is done once, not once per layer.
+            per_batch["batch"] = batch
+            per_batch["rows"] = torch.arange(batch.size, device=hidden.device)
+            per_batch["weights"] = None
+            if pool == "mean" and sinks != "norm":
+                mask = batch.token_mask() if sinks == "none" else _sink_free_mask(
+                    hidden, batch, sinks, norm_ratio
+                )
+                per_batch["weights"] = (mask / mask.sum(-1, keepdim=True)).unsqueeze(1)
         if pool == "mean":
-            weights = _mean_weights(hidden, batch, sinks, norm_ratio)
-            return torch.bmm(weights.unsqueeze(1), hidden.float()).squeeze(1)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return hidden[rows, batch.last if pool == "last" else batch.first].float()
+            weights = per_batch["weights"]
+            if weights is None:  # sinks="norm": which tokens are kept depends on the layer
+                mask = _sink_free_mask(hidden, batch, sinks, norm_ratio)
+                weights = (mask / mask.sum(-1, keepdim=True)).unsqueeze(1)
+            return torch.bmm(weights, hidden.float()).squeeze(1)
+        return hidden[per_batch["rows"], batch.last if pool == "last" else batch.first].float()
 
     return read
 

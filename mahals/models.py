@@ -21,9 +21,10 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from nnsight.intervention.source import STATE as NNSIGHT_STATE
 from nnsight.modeling.transformers import TransformersModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -46,6 +47,7 @@ __all__ = [
 ]
 
 PYPI_GGUF = "pypi-gguf:"
+Instrumentation = Literal["residual", "all"]
 
 
 @dataclass
@@ -290,6 +292,7 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     registry: Registry | None = None,
+    instrument: Instrumentation = "residual",
     verbose: bool = True,
 ) -> MahalsModel:
     """Load a causal LM for capture and steering.
@@ -305,6 +308,12 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
         attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
         registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
+        instrument: which modules nnsight routes through its interleaver. ``"residual"``
+            (default): the model, its decoder layers, embedding and final norm — all that mahals
+            reads or writes; each further module costs a few microseconds per forward pass,
+            which shows at small batches. ``"all"``: every module, for nnsight code of your own
+            that reads inside a block (``model.nn.layers[3].self_attn.output``); with
+            ``"residual"`` such a read raises nnsight's ``OutOfOrderError``.
 
     Logs one ``GPU Memory: free / total`` line after loading on CUDA (when ``verbose``).
     Raises :class:`~mahals.registry.RegistryError` when a registry entry's ``n_layers`` /
@@ -367,11 +376,30 @@ def load_model(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = TransformersModel(hf_model, tokenizer=tokenizer, rename=aliases)
+    if instrument == "residual":
+        _route_residual_only(adapter.decoder_layers(hf_model))
+    elif instrument != "all":
+        raise ValueError(f"instrument={instrument!r} must be 'residual' or 'all'")
     model = MahalsModel(nn=wrapped, tokenizer=tokenizer, adapter=adapter, name=name, spec=spec)
     line = gpu_memory_line(model.device) if model.device.type == "cuda" else None
     if verbose and line:
         logger.info(line)
     return model
+
+
+def _route_residual_only(decoder_layers) -> None:
+    """Take nnsight's controller off every module inside the decoder layers (the layers keep
+    theirs), so a forward pass pays the interleaver only where mahals reads or writes.
+
+    A controller is removed only where nnsight installed it over the class's own ``forward``
+    (restoring the class method is then exact); anything else is left as nnsight set it up.
+    """
+    for layer in decoder_layers:
+        for name, module in layer.named_modules():
+            state = module.__dict__.get(NNSIGHT_STATE)
+            if name and state is not None and state.body is type(module).forward:
+                del module.__dict__["forward"]
+                del module.__dict__[NNSIGHT_STATE]
 
 
 def _check_registry_shape(spec: ModelSpec, config) -> None:

@@ -89,12 +89,15 @@ class Batch:
         lengths = mask.sum(-1)
         first = length - lengths if side == "left" else torch.zeros_like(lengths)
         last = first + lengths - 1
-        host = (ids, mask, position_ids, first, last)
-        if device.type == "cuda":
-            # Pinned + non_blocking: a pageable copy would wait for the GPU to finish the
-            # previous batch.
-            host = tuple(t.pin_memory().to(device, non_blocking=True) for t in host)
-        return cls(*host)
+        if device.type != "cuda":
+            return cls(ids, mask, position_ids, first, last)
+        # One pinned buffer, one non-blocking copy: a pageable copy would wait for the GPU to
+        # finish the previous batch, and five small copies cost five launches.
+        rows, cells = len(sequences), len(sequences) * length
+        packed = torch.cat([ids.flatten(), mask.flatten(), position_ids.flatten(), first, last])
+        parts = packed.pin_memory().to(device, non_blocking=True).split([cells] * 3 + [rows] * 2)
+        ids, mask, position_ids = (part.view(rows, length) for part in parts[:3])
+        return cls(ids, mask, position_ids, parts[3], parts[4])
 
     @property
     def size(self) -> int:

@@ -22,16 +22,18 @@ TEXTS = [
 ]
 
 
-_REFERENCE_CACHE: dict[tuple[int, str, str], torch.Tensor] = {}
+_REFERENCE_CACHE: dict[tuple[int, str, str], tuple[object, torch.Tensor]] = {}
 
 
 def _cached(kind: str):
     def decorate(fn):
         def wrapper(model, text):
+            # The entry keeps its model alive: a freed model's id can be reused by the next one
+            # (pytest tears down each parametrised session fixture before building the next).
             key = (id(model.hf), kind, text)
             if key not in _REFERENCE_CACHE:
-                _REFERENCE_CACHE[key] = fn(model, text)
-            return _REFERENCE_CACHE[key]
+                _REFERENCE_CACHE[key] = (model.hf, fn(model, text))
+            return _REFERENCE_CACHE[key][1]
 
         return wrapper
 

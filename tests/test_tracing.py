@@ -240,3 +240,17 @@ def test_sink_free_mean_pooling_equals_a_manual_mean(tiny_tokenizer):
             )
     with pytest.raises(ValueError, match="applies to pool='mean' only"):
         capture(model, texts, pool="last", sinks="first")
+
+
+def test_full_instrumentation_still_reads_submodules(tiny_tokenizer):
+    """``instrument="all"`` keeps nnsight's access to modules inside a block; the default
+    routes only what mahals reads and writes (and gives identical captures)."""
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    full = load_model(hf, tokenizer=tiny_tokenizer, instrument="all")
+    ids = torch.tensor([_ids(full, ["Hello"])[0]])
+    with torch.inference_mode(), full.nn.trace(input_ids=ids):
+        attention = full.layers[0].self_attn.output[0].save()
+    assert attention.shape[-1] == full.d_model
+    before = capture(full, PROMPTS, pool="mean").tensor
+    lean = load_model(hf, tokenizer=tiny_tokenizer)  # same weights, residual-only routing
+    torch.testing.assert_close(capture(lean, PROMPTS, pool="mean").tensor, before, rtol=0, atol=0)
