@@ -84,13 +84,8 @@ from mahals.pipelines.common import (
     write_activation_cache,
 )
 from mahals.registry import ModelPair, ModelSpec, Registry, RegistryError, load_registry
-from mahals.steering import (
-    DifferenceSVD,
-    DSteerStats,
-    SteeringVector,
-    TokenPosition,
-    difference_svd,
-)
+from mahals.steering import DifferenceSVD, DSteerStats, SteeringVector, difference_svd
+from mahals.steering import Pool as TokenPosition
 
 __all__ = [
     "Phase2Config",
@@ -618,7 +613,7 @@ def _compute_vectors(run: _PairRun, meaning: str) -> _PairVectors:
             h_instruct[answer],
             base_model=pair.base.source,
             tuned_model=pair.tuned.source,
-            token_position=config.token,
+            pool=config.token,
             dataset=f"{config.dataset_label}:{answer}",
             description=f"mean(h_instruct - h_base) on {answer} answers; {meaning}",
             extra={"pair": pair.key, "tuning": pair.tuning, "pairing": run.rule},
