@@ -612,3 +612,51 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer
             SteeringVector.load(interrupted / key / "steering_vector.safetensors").vectors,
             SteeringVector.load(whole / key / "steering_vector.safetensors").vectors,
         )
+
+
+# ------------------------------------------------------------------- model slot and console
+
+
+def test_model_slot_holds_one_model_and_reloads_only_on_change(caplog, tmp_path):
+    from mahals.pipelines.slot import ModelSlot
+
+    (tmp_path / "registry.json").write_text(json.dumps(registry_document()))
+    registry = load_registry(tmp_path / "registry.json")
+    llama, falcon = registry.model("tiny-llama-base"), registry.model("tiny-falcon-base")
+    events: list[str] = []
+
+    class FakeModel:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def free(self) -> None:
+            events.append(f"free {self.key}")
+
+    def loader(spec):
+        events.append(f"load {spec.key}")
+        return FakeModel(spec.key)
+
+    caplog.set_level("INFO", logger="mahals")
+    with ModelSlot(loader) as slot:
+        first = slot.get(llama, announce="BASE model")
+        assert slot.get(llama) is first
+        slot.get(falcon)
+    assert events == [
+        "load tiny-llama-base", "free tiny-llama-base", "load tiny-falcon-base",
+        "free tiny-falcon-base",
+    ]  # fmt: skip
+    assert caplog.messages == ["  Loading BASE model: tiny/tiny-llama-base"]
+
+
+def test_console_shows_mahals_records_as_bare_lines_only_inside_the_block():
+    import logging
+
+    log = logging.getLogger("mahals.pipelines.phase2")
+    shown, later = io.StringIO(), io.StringIO()
+    with console(shown):
+        log.info("Mode: %s", "sanity")
+        logging.getLogger("elsewhere").warning("not ours")
+    with contextlib.redirect_stdout(later):
+        log.info("after the block")
+    assert shown.getvalue() == "Mode: sanity\n"
+    assert later.getvalue() == ""
