@@ -1,4 +1,8 @@
-"""``mahals`` command line: ``mahals phase1 …``, ``mahals phase2 …``, ``mahals demo``."""
+"""``mahals`` command line: ``mahals phase1 …``, ``mahals phase2 …``, ``mahals demo``.
+
+The pipelines log their progress; the CLI shows it on standard output as bare messages (the
+reference implementation's console shape).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,13 @@ import argparse
 import importlib
 import sys
 
+from mahals.pipelines.console import console
+
 PHASES = {
-    "phase1": ("mahals.pipelines.phase1", "Phase 1: baseline AQI of instruct models"),
+    "phase1": ("mahals.pipelines.phase1", "Phase 1: baseline AQI of tuned models"),
     "phase2": ("mahals.pipelines.phase2", "Phase 2.1: extract steering vectors from base/tuned pairs"),
     "demo": ("mahals.pipelines.demo", "offline demo: Phase 1 + Phase 2.1 on the small PyPI-shipped models"),
-}
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,8 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``mahals <command> …`` with the pipelines' log shown on standard output."""
     args = build_parser().parse_args(argv)
-    return importlib.import_module(args.module).run_from_args(args)
+    with console():
+        return importlib.import_module(args.module).run_from_args(args)
 
 
 if __name__ == "__main__":

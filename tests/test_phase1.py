@@ -19,6 +19,7 @@ from mahals.aqi import AQIReport, evaluate_activations
 from mahals.data import load_litmus
 from mahals.io import load_tensors
 from mahals.pipelines import phase1
+from mahals.pipelines.console import console
 
 from conftest import kill_after_first_checkpoint, partial_writes, tiny_config
 
@@ -71,14 +72,15 @@ def registry_env(study, monkeypatch, tmp_path):
     monkeypatch.setenv("MAHALS_CACHE", str(tmp_path / "cache"))
 
 
-def run(cfg, loader=None):
+def run(cfg, loader=None, *, shown=True):
+    """Run Phase 1 with its log shown as the CLI shows it (``shown``) or not configured."""
     from mahals.models import load_model
 
     loader = loader or (lambda spec: load_model(spec.key, device="cpu", verbose=False))
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), console() if shown else contextlib.nullcontext():
         summary = phase1.run_phase1(cfg, loader=loader)
-    return summary, console.getvalue()
+    return summary, output.getvalue()
 
 
 def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path):
@@ -111,11 +113,14 @@ def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path
         )
         report = AQIReport.from_json(folder / "metrics_summary.json")
         assert report.overall.aqi == expected.overall.aqi
-        assert summary["results"][key]["AQI"] == expected.overall.aqi
-        assert summary["results"][key]["per_axiom"] == {a: expected[a].aqi for a in AXIOMS}
+        assert summary.results[key]["AQI"] == expected.overall.aqi
+        assert summary.results[key]["per_axiom"] == {a: expected[a].aqi for a in AXIOMS}
         assert f"Evaluating: {key}" in console
-    best = max(summary["results"], key=lambda k: summary["results"][k]["AQI"])
-    assert summary["baseline_model"] == best
+    best = max(summary.results, key=lambda k: summary.results[k]["AQI"])
+    assert summary.baseline_model == best
+    on_disk = json.loads(summary.summary_path.read_text())
+    assert on_disk["baseline_model"] == best and on_disk["results"] == summary.results
+    assert summary.pending == ()
     assert f"BASELINE MODEL: {best}" in console
     assert "Loaded 60 samples" in console
 
@@ -132,7 +137,7 @@ def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
     expected = evaluate_activations(
         cached[:, -1], dataset.axioms, dataset.labels, mode="reference", seed=42
     )
-    result = summary["results"]["tiny-llama-it"]
+    result = summary.results["tiny-llama-it"]
     assert (result["AQI"], result["CHI_norm"], result["XB_norm"]) == (
         expected.overall.aqi,
         expected.overall.chi_norm,
@@ -148,17 +153,18 @@ def test_rerun_reuses_cached_embeddings_without_loading_a_model(study, registry_
     def no_model(spec):
         raise AssertionError(f"loaded {spec.key} although its embeddings are cached")
 
-    second, console = run(config(study, out, choice="fresh"), loader=no_model)
-    assert console.count("Reusing cached embeddings") == len(MODELS)
-    third, _ = run(config(study, out, choice="resume"), loader=no_model)
-    assert third["results"] == second["results"] == first["results"]
+    second, output = run(config(study, out, checkpoint="fresh"), loader=no_model)
+    assert output.count("Reusing cached embeddings") == len(MODELS)
+    third, output = run(config(study, out, checkpoint="resume"), loader=no_model, shown=False)
+    assert third.results == second.results == first.results
+    assert output == "", "library code printed although logging was not configured"
 
 
 def test_settings_change_is_refused_on_resume(study, registry_env, tmp_path):
     out = tmp_path / "changed"
     run(config(study, out, models=("tiny-llama-it",)))
     with pytest.raises(Exception, match="n_bootstrap"):
-        run(config(study, out, models=("tiny-llama-it",), n_bootstrap=10, choice="resume"))
+        run(config(study, out, models=("tiny-llama-it",), n_bootstrap=10, checkpoint="resume"))
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp_path):
@@ -184,12 +190,12 @@ def test_killed_run_resumes_to_the_uninterrupted_result(study, registry_env, tmp
     parser = argparse.ArgumentParser()
     phase1.add_arguments(parser)
     resumed = parser.parse_args([*args, "--resume"])
-    console = io.StringIO()
-    with contextlib.redirect_stdout(console):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), console():
         assert phase1.run_from_args(resumed) == 0
-    assert "Checkpoint found" in console.getvalue()
+    assert "Checkpoint found" in output.getvalue()
     resumed_summary = json.loads((interrupted / "phase1_summary.json").read_text())
-    assert resumed_summary == json.loads(json.dumps(whole_summary))
+    assert resumed_summary == json.loads(whole_summary.summary_path.read_text())
     assert partial_writes(interrupted) == []
 
 
@@ -198,3 +204,41 @@ def test_unknown_labels_are_named(study, registry_env, tmp_path):
     bad.write_text("input,axiom,safety_label\nhello,A,safe\nbye,A,maybe\n")
     with pytest.raises(ValueError, match="maybe"):
         run(config(study, tmp_path / "bad", dataset=str(bad)))
+
+
+def test_cli_user_errors_are_one_line_with_exit_status_2(study, registry_env, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    common = ["--per-cell", "10", "--out", str(tmp_path / "out")]
+    cases = {
+        "unknown model key 'no-such-model'": [
+            "--models",
+            "no-such-model",
+            "--dataset",
+            str(study[2]),
+        ],
+        "no such file": ["--models", "tiny-llama-it", "--dataset", str(tmp_path / "missing.csv")],
+        "--layers takes 'all' or layer indices": ["--models", "tiny-llama-it", "--layers", "x"],
+    }
+    for message, arguments in cases.items():
+        assert phase1.run_from_args(parser.parse_args([*arguments, *common])) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("mahals phase1: error: ") and message in error, error
+        assert error.count("\n") == 1 and "Traceback" not in error
+
+
+def test_config_fields_and_cli_flags_match_phase2():
+    from mahals.pipelines import phase2
+
+    shared = {"pool", "layers", "seed", "batch_size", "max_batch_tokens", "use_cache", "out_dir"}
+    shared |= {"checkpoint", "progress", "dataset"}
+    phase1_fields = set(phase1.Phase1Config.__dataclass_fields__)
+    phase2_fields = set(phase2.Phase2Config.__dataclass_fields__)
+    assert shared - {"layers"} <= phase1_fields & phase2_fields
+    assert "layers" in phase1_fields
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    args = parser.parse_args(["--models", "m", "--layers", "-1", "-2", "--no-progress", "--fresh"])
+    config = phase1.config_from_args(args)
+    assert (config.layers, config.progress, config.checkpoint) == ((-1, -2), False, "fresh")
+    assert phase1.config_from_args(parser.parse_args(["--models", "m", "--layer", "3"])).layers == 3

@@ -25,8 +25,9 @@ from mahals.arch import attn_implementation_for
 from mahals.data import PreferenceDataError, format_pair_texts, load_hh_rlhf
 from mahals.io import load_tensors
 from mahals.models import load_model
-from mahals.pipelines import phase2
+from mahals.pipelines import demo, phase2
 from mahals.pipelines.checkpoint import CheckpointChoice
+from mahals.pipelines.console import console
 from mahals.pipelines.phase2 import Phase2Config, run_phase2
 from mahals.registry import Registry, load_registry
 from mahals.steering import SteeringVector
@@ -183,7 +184,7 @@ class Study:
 
 def run_quietly(config: Phase2Config, **kwargs: Any) -> tuple[phase2.Phase2Summary, str]:
     buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(buffer), console():
         summary = run_phase2(config, **kwargs)
     return summary, buffer.getvalue()
 
@@ -247,7 +248,7 @@ def test_every_pair_gets_layer_by_width_vectors_and_all_files(study):
             vector = SteeringVector.load(folder / f"{name}.safetensors")
             assert vector.vectors.shape == (n_layers, d_model)
             assert vector.layers == tuple(range(n_layers))
-            assert vector.n_samples == N_SAMPLES and vector.token_position == "last"
+            assert vector.n_samples == N_SAMPLES and vector.pool == "last"
         assert cached(folder, "base", "chosen").shape == (N_SAMPLES, n_layers, d_model)
         result = study.summary.results[key]
         assert (result["n_layers"], result["d_model"]) == (n_layers, d_model)
@@ -285,14 +286,14 @@ def test_vectors_cosines_and_svd_match_a_float64_recomputation(study):
 
         differences = (h["instruct", "chosen"] - h["base", "chosen"]).transpose(0, 1)  # [L, n, d]
         mean = differences.mean(1)
-        _, centred_values, right = torch.linalg.svd(
+        _, centered_values, right = torch.linalg.svd(
             differences - mean[:, None], full_matrices=False
         )
         component = right[:, SVD_COMPONENT]
         expected = component * torch.sign((component * mean).sum(-1))[:, None]
         svd_vector = SteeringVector.load(folder / "steering_vector_svd3.safetensors").vectors
         svd_vector = svd_vector.double()
-        below_rank = centred_values[:, SVD_COMPONENT] <= 1e-6 * centred_values[:, 0]
+        below_rank = centered_values[:, SVD_COMPONENT] <= 1e-6 * centered_values[:, 0]
         assert result["svd_component_null_layers"] == below_rank.nonzero().flatten().tolist()
         assert torch.all(svd_vector[below_rank] == 0)
         kept = ~below_rank
@@ -306,8 +307,8 @@ def test_vectors_cosines_and_svd_match_a_float64_recomputation(study):
         assert result["dsteer_singular_value_ratio"] == pytest.approx(
             (singular_values[:, 1] / singular_values[:, 0]).tolist(), rel=1e-4, abs=1e-6
         )
-        _, _, uncentred = torch.linalg.svd(differences, full_matrices=False)
-        alignment = (uncentred[:, 0] * mean).sum(-1).abs() / mean.norm(dim=-1)
+        _, _, uncentered = torch.linalg.svd(differences, full_matrices=False)
+        alignment = (uncentered[:, 0] * mean).sum(-1).abs() / mean.norm(dim=-1)
         assert result["dsteer_top_direction_alignment"] == pytest.approx(
             alignment.tolist(), rel=1e-4
         )
@@ -316,9 +317,9 @@ def test_vectors_cosines_and_svd_match_a_float64_recomputation(study):
 def test_a_layer_without_per_sample_variation_is_reported_not_hidden(study):
     """Gemma-2's layer 0 attends within a sliding window of 8 tokens and every chosen text ends
     in the same 8 characters, so its per-sample differences are equal (up to rounding): the
-    centred SVD has no component 3 there, and the run says so instead of saving noise."""
+    centered SVD has no component 3 there, and the run says so instead of saving noise."""
     assert study.summary.results["Tiny_gemma2"]["svd_component_null_layers"] == [0]
-    assert "component 3 is below the numerical rank of the centred differences at layers [0]" in (
+    assert "component 3 is below the numerical rank of the centered differences at layers [0]" in (
         study.console
     )
     assert all(
@@ -356,6 +357,7 @@ def test_format_pair_reads_two_formats_of_one_model_and_says_so(study):
     assert base_meta["pairing"] == instruct_meta["pairing"] == "native"
     assert base_meta["texts_sha256"] != instruct_meta["texts_sha256"]
     assert base_meta["model_key"] == instruct_meta["model_key"] == "tiny-llama-tuned"
+    assert (base_meta["role"], instruct_meta["role"]) == ("base", "tuned")
     vector = SteeringVector.load(folder / "steering_vector.safetensors")
     assert float(vector.norms().min()) > 0
     metadata = json.loads((folder / "metadata.json").read_text())
@@ -455,17 +457,17 @@ def test_resume_does_nothing_fresh_reuses_the_cache_and_a_stale_cache_is_recompu
             out / key / "steering_vector.safetensors"
         ]
 
-    mean_config = Phase2Config(**{**vars(fresh_config), "pairs": ("Tiny_llama",), "token": "mean"})
+    mean_config = Phase2Config(**{**vars(fresh_config), "pairs": ("Tiny_llama",), "pool": "mean"})
     loader = TrackingLoader(tiny_tokenizer)
     _, console = run_quietly(
         mean_config, loader=loader, tokenizer_loader=lambda spec: tiny_tokenizer, **kwargs
     )
     assert loader.calls == ["tiny-llama-base", "tiny-llama-tuned"]
-    assert "is stale (token differ)" in console
-    assert cache_metadata(out / "Tiny_llama", "base", "chosen")["token"] == "mean"
+    assert "is stale (pool differ)" in console
+    assert cache_metadata(out / "Tiny_llama", "base", "chosen")["pool"] == "mean"
     mean_vector = SteeringVector.load(out / "Tiny_llama" / "steering_vector.safetensors")
     last_vector = SteeringVector.load(study.out / "Tiny_llama" / "steering_vector.safetensors")
-    assert mean_vector.token_position == "mean"
+    assert mean_vector.pool == "mean"
     assert not torch.allclose(mean_vector.vectors, last_vector.vectors)
 
     other_data = tmp_path / "other.jsonl"
@@ -506,15 +508,18 @@ def test_cli_arguments_and_config_validation(tmp_path):
     assert (config.n_samples, config.mode_label, config.pairs) == (
         1000, "full", ("Llama3_8B", "Gemma2_9B"),
     )  # fmt: skip
-    assert (config.use_cache, config.token, config.svd_component, config.pairing) == (
+    assert (config.use_cache, config.pool, config.svd_component, config.pairing) == (
         False, "mean", 2, "plain",
     )  # fmt: skip
     assert config.checkpoint is CheckpointChoice.FRESH and config.out_dir == tmp_path
     defaults = phase2.config_from_args(parser.parse_args([]))
     assert (defaults.n_samples, defaults.pairs, defaults.checkpoint) == (100, None, None)
     assert defaults.out_dir == Path("outputs/phase2_steering_vectors")
-    custom = phase2.config_from_args(parser.parse_args(["--n", "7"]))
+    custom = phase2.config_from_args(
+        parser.parse_args(["--n", "7", "--seed", "3", "--pool", "mean", "--no-progress"])
+    )
     assert (custom.n_samples, custom.mode_label) == (7, "custom")
+    assert (custom.seed, custom.pool, custom.progress, defaults.seed) == (3, "mean", False, None)
     with pytest.raises(ValueError, match="needs at least 5 samples"):
         Phase2Config(n=4)
     assert phase2.run_from_args(parser.parse_args(["--n", "2"])) == 2
@@ -524,7 +529,7 @@ def test_demo_preset_is_the_offline_format_pair(tmp_path):
     root = SHARED_DATA / "hh-rlhf"
     if not (root / "harmless-base").is_dir():
         pytest.skip(f"offline hh-rlhf copy not found at {root}")
-    config = phase2.demo_config(tmp_path / "demo", hh_rlhf_root=root)
+    config = demo.phase2_demo_config(tmp_path / "demo", hh_rlhf_root=root)
     assert config.pairs == ("SmolLM2_format_demo",)
     pair = load_registry().pair(config.pairs[0])
     assert pair.base == pair.tuned and pair.pairing == "native" and pair.tuning == "format"
@@ -532,7 +537,7 @@ def test_demo_preset_is_the_offline_format_pair(tmp_path):
     assert config.dataset == str(root.resolve())
     assert config.n_samples <= 64 and config.out_dir == tmp_path / "demo"
     with pytest.raises(FileNotFoundError, match="no offline hh-rlhf copy"):
-        phase2.demo_config(tmp_path, hh_rlhf_root=tmp_path / "missing")
+        demo.phase2_demo_config(tmp_path, hh_rlhf_root=tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------- crash and resume
@@ -607,3 +612,51 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, tiny_tokenizer
             SteeringVector.load(interrupted / key / "steering_vector.safetensors").vectors,
             SteeringVector.load(whole / key / "steering_vector.safetensors").vectors,
         )
+
+
+# ------------------------------------------------------------------- model slot and console
+
+
+def test_model_slot_holds_one_model_and_reloads_only_on_change(caplog, tmp_path):
+    from mahals.pipelines.slot import ModelSlot
+
+    (tmp_path / "registry.json").write_text(json.dumps(registry_document()))
+    registry = load_registry(tmp_path / "registry.json")
+    llama, falcon = registry.model("tiny-llama-base"), registry.model("tiny-falcon-base")
+    events: list[str] = []
+
+    class FakeModel:
+        def __init__(self, key: str) -> None:
+            self.key = key
+
+        def free(self) -> None:
+            events.append(f"free {self.key}")
+
+    def loader(spec):
+        events.append(f"load {spec.key}")
+        return FakeModel(spec.key)
+
+    caplog.set_level("INFO", logger="mahals")
+    with ModelSlot(loader) as slot:
+        first = slot.get(llama, announce="BASE model")
+        assert slot.get(llama) is first
+        slot.get(falcon)
+    assert events == [
+        "load tiny-llama-base", "free tiny-llama-base", "load tiny-falcon-base",
+        "free tiny-falcon-base",
+    ]  # fmt: skip
+    assert caplog.messages == ["  Loading BASE model: tiny/tiny-llama-base"]
+
+
+def test_console_shows_mahals_records_as_bare_lines_only_inside_the_block():
+    import logging
+
+    log = logging.getLogger("mahals.pipelines.phase2")
+    shown, later = io.StringIO(), io.StringIO()
+    with console(shown):
+        log.info("Mode: %s", "sanity")
+        logging.getLogger("elsewhere").warning("not ours")
+    with contextlib.redirect_stdout(later):
+        log.info("after the block")
+    assert shown.getvalue() == "Mode: sanity\n"
+    assert later.getvalue() == ""

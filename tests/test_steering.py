@@ -14,7 +14,13 @@ from mahals._version import __version__
 # Like conftest.py does for the rest of mahals: jaxtyping + beartype check every shape annotation
 # of mahals.steering while these tests run (a no-op if another test module imported it first).
 with jaxtyping.install_import_hook("mahals.steering", "beartype.beartype"):
-    from mahals.steering import DifferenceSVD, SteeringVector, difference_svd
+    from mahals.steering import (
+        DifferenceSVD,
+        SteeringVector,
+        difference_svd,
+        extract_pair_vectors,
+        mean_cosine_per_layer,
+    )
 
 
 def _random_vector(layers=(0, 1, 2), d_model=6, seed=0, **metadata) -> SteeringVector:
@@ -142,7 +148,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
         tuned_model="meta-llama/Llama-3.1-8B-Instruct",
         dataset="Anthropic/hh-rlhf:chosen",
         n_samples=100,
-        token_position="last",
+        pool="last",
         kind="svd3",
         description="test",
         extra={"seed": 1, "nested": {"a": [1, 2]}},
@@ -282,8 +288,8 @@ def test_singular_values_match_numpy_in_float64(n, d, method):
     np.testing.assert_allclose(svd.singular_values.numpy(), expected, rtol=1e-10)
 
 
-def test_centred_versus_uncentred_when_the_mean_dominates():
-    # D = m + 3·b_i·w + small noise, with m ⟂ w and ‖m‖ = 10: the uncentred top direction is
+def test_centered_versus_uncentered_when_the_mean_dominates():
+    # D = m + 3·b_i·w + small noise, with m ⟂ w and ‖m‖ = 10: the uncentered top direction is
     # the mean m; centring removes m and leaves w on top.
     rng = np.random.default_rng(1)
     n, d = 64, 48
@@ -293,21 +299,21 @@ def test_centred_versus_uncentred_when_the_mean_dominates():
     h_tuned = torch.from_numpy(differences)[:, None, :]
     mean = SteeringVector.from_diff(h_base, h_tuned)
 
-    uncentred = difference_svd(h_base, h_tuned, centered=False, compute_dtype=torch.float64)
-    centred = difference_svd(h_base, h_tuned, centered=True, compute_dtype=torch.float64)
+    uncentered = difference_svd(h_base, h_tuned, centered=False, compute_dtype=torch.float64)
+    centered = difference_svd(h_base, h_tuned, centered=True, compute_dtype=torch.float64)
 
-    assert float(uncentred.components[0, 0] @ torch.from_numpy(m)) > 0.99
-    stats = uncentred.dsteer_stats(mean)
+    assert float(uncentered.components[0, 0] @ torch.from_numpy(m)) > 0.99
+    stats = uncentered.dsteer_stats(mean)
     assert stats.top_direction_alignment.item() > 0.99
     assert stats.singular_value_ratio.item() < 0.4
-    assert abs(float(centred.components[0, 0] @ torch.from_numpy(m))) < 0.05
-    assert abs(float(centred.components[0, 0] @ torch.from_numpy(w))) > 0.99
-    with pytest.raises(ValueError, match="uncentred"):
-        centred.dsteer_stats(mean)
+    assert abs(float(centered.components[0, 0] @ torch.from_numpy(m))) < 0.05
+    assert abs(float(centered.components[0, 0] @ torch.from_numpy(w))) > 0.99
+    with pytest.raises(ValueError, match="uncentered"):
+        centered.dsteer_stats(mean)
 
 
-def test_centred_rank_deficiency_gives_zero_components():
-    # n <= d: a centred D has rank n - 1, so its last direction is undefined.
+def test_centered_rank_deficiency_gives_zero_components():
+    # n <= d: a centered D has rank n - 1, so its last direction is undefined.
     h_base, h_tuned, _ = _planted(n=10, d=20, layers=2)
     for method in ("full", "gram"):
         svd = difference_svd(h_base, h_tuned, centered=True, method=method)
@@ -385,3 +391,67 @@ def test_svd_on_cuda_matches_cpu(method):
     mean = SteeringVector.from_diff(h_base.cuda(), h_tuned.cuda())
     assert mean.vectors.device.type == "cuda"
     assert gpu.component(0, mean).vectors.device.type == "cuda"
+
+
+def test_version_1_sidecar_with_token_position_still_loads(tmp_path):
+    path = _random_vector(pool="mean").save(tmp_path / "old.safetensors")
+    sidecar = tmp_path / "old.json"
+    meta = json.loads(sidecar.read_text())
+    meta["token_position"] = meta.pop("pool")
+    meta["format_version"] = 1
+    sidecar.write_text(json.dumps(meta))
+    assert SteeringVector.load(path).pool == "mean"
+    meta["format_version"] = 99
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"old\.json: format_version 99"):
+        SteeringVector.load(path)
+
+
+# ----------------------------------------------------------------------------------- extraction
+
+
+def test_extract_pair_vectors_matches_a_numpy_float64_reference():
+    rng = np.random.default_rng(5)
+    n, n_layers, d = 12, 3, 7
+    base = {a: rng.normal(size=(n, n_layers, d)).astype(np.float32) for a in ("chosen", "rejected")}
+    tuned = {
+        a: (base[a] + rng.normal(0.5, 1.0, size=base[a].shape)).astype(np.float32) for a in base
+    }
+    pair = extract_pair_vectors(
+        {a: torch.from_numpy(v) for a, v in base.items()},
+        {a: torch.from_numpy(v) for a, v in tuned.items()},
+        svd_component=2,
+        n_explained=4,
+        dataset="toy",
+        meaning="a test",
+        pool="last",
+    )
+    for answer, vector in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        b, t = base[answer].astype(np.float64), tuned[answer].astype(np.float64)
+        np.testing.assert_allclose(vector.vectors.numpy(), (t - b).mean(0), rtol=1e-5, atol=1e-6)
+        assert vector.dataset == f"toy:{answer}" and vector.pool == "last"
+        cosines = (t * b).sum(-1) / (np.linalg.norm(t, axis=-1) * np.linalg.norm(b, axis=-1))
+        np.testing.assert_allclose(pair.cosines[answer].numpy(), cosines.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(
+            mean_cosine_per_layer(torch.from_numpy(tuned[answer]), torch.from_numpy(base[answer])),
+            cosines.mean(0),
+            rtol=1e-12,
+        )  # symmetric in its arguments
+    differences = (tuned["chosen"].astype(np.float64) - base["chosen"]).transpose(1, 0, 2)
+    centered = differences - differences.mean(1, keepdims=True)
+    for layer in range(n_layers):
+        _, _, right = np.linalg.svd(centered[layer], full_matrices=False)
+        got = pair.svd.vectors[layer].double().numpy()
+        assert abs(np.dot(_unit(got), right[2])) > 0.9999
+    assert pair.centered.singular_values.shape == (n_layers, 4)
+    assert pair.svd_null_layers == []
+    assert pair.frobenius_norm == pytest.approx(np.linalg.norm(differences.mean(1)), rel=1e-6)
+
+
+def test_extract_pair_vectors_refuses_blocks_of_different_shapes():
+    blocks = {a: torch.zeros(4, 2, 3) for a in ("chosen", "rejected")}
+    other = {"chosen": torch.zeros(4, 2, 3), "rejected": torch.zeros(5, 2, 3)}
+    with pytest.raises(ValueError, match="differ in shape"):
+        extract_pair_vectors(
+            blocks, other, svd_component=0, n_explained=1, dataset="d", meaning="m"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -16,6 +17,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from mahals._time import utc_timestamp
 from mahals.io import atomic_write_json
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "stdin_is_terminal",
 ]
 
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "mahals.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -112,10 +116,6 @@ def ask_checkpoint_choice(
         say(f"Invalid option {answer.strip()!r}: enter R, F or S.")
 
 
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def _json_roundtrip(obj: Any, what: str) -> Any:
     """``obj`` as it will read back from JSON (tuples become lists); refuses non-JSON values."""
     try:
@@ -191,7 +191,7 @@ class Checkpoint:
         self.path = path
         self.items: tuple[str, ...] = tuple(items)
         self.settings: dict[str, Any] = _json_roundtrip(dict(settings), "checkpoint settings")
-        self.created_at = created_at or _utc_now()
+        self.created_at = created_at or utc_timestamp()
         self.decision = decision
         """The option in force (``--resume/--fresh/--skip`` or the answer); ``None`` if no
         option was given and there was no checkpoint. ``FRESH`` means per-item outputs left
@@ -210,12 +210,12 @@ class Checkpoint:
         *,
         ask: Callable[[str], str] = input,
         is_terminal: Callable[[], bool] = stdin_is_terminal,
-        say: Callable[[str], None] = print,
+        say: Callable[[str], None] = log.info,
     ) -> Checkpoint:
         """Open the checkpoint at ``path`` for a run over ``items`` with ``settings``.
 
         With no file there, returns an empty checkpoint (written at the first :meth:`record`)
-        whose :attr:`decision` is ``choice``. With a file there, prints which items are
+        whose :attr:`decision` is ``choice``. With a file there, reports (``say``) which items are
         completed and pending, then decides: ``choice`` if given (from
         ``--resume/--fresh/--skip``); otherwise asks with ``ask`` when ``is_terminal()``;
         otherwise resumes and says so — it never waits for input that cannot come.
@@ -334,7 +334,7 @@ class Checkpoint:
         entry: dict[str, Any] = {"result": _json_roundtrip(result, f"the result of {item!r}")}
         if started_at is not None:
             entry["started_at"] = started_at.astimezone(UTC).isoformat(timespec="seconds")
-        entry["completed_at"] = _utc_now()
+        entry["completed_at"] = utc_timestamp()
         self._entries[item] = entry
         self._write()
 
@@ -345,7 +345,7 @@ class Checkpoint:
                 "format": CHECKPOINT_FORMAT,
                 "version": CHECKPOINT_VERSION,
                 "created_at": self.created_at,
-                "updated_at": _utc_now(),
+                "updated_at": utc_timestamp(),
                 "settings": self.settings,
                 "items": list(self.items),
                 "results": self._entries,

