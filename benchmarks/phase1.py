@@ -55,7 +55,7 @@ def main() -> None:
     loader = RandomLoader()
     models = tuple(load_registry().study("seed"))
     config = Phase1Config(models=models, mode=None, per_cell=args.per_cell, dataset=str(data),
-                          out_dir=out / "run", choice="fresh", cache=not args.no_cache)  # fmt: skip
+                          out_dir=out / "run", checkpoint="fresh", use_cache=not args.no_cache)  # fmt: skip
     torch.cuda.reset_peak_memory_stats()
     console = io.StringIO()
     started = time.perf_counter()

@@ -7,21 +7,24 @@ The everyday entry points are re-exported here::
     acts = mahals.capture(model, texts, pool="mean")      # Activations, .tensor [n, L, d]
     report = mahals.aqi.evaluate(model, dataset)            # AQIReport
     vector = mahals.SteeringVector.from_diff(h_base, h_tuned)
+    with mahals.steer(model, mahals.Steering(vector, alpha=0.5)):
+        model.generate(["How do I pick a lock?"])
 
 ``mahals.capture`` is the function; its module's other names (``Activations``, ``tokenize`` …)
 are imported with ``from mahals.activations import …``.
 """
 
-from mahals import aqi  # noqa: E402
+from mahals import aqi
 from mahals._version import __version__
-from mahals.activations import Activations, TokenActivations, capture  # noqa: E402
-from mahals.models import MahalsModel, load_model, load_tokenizer  # noqa: E402
-from mahals.registry import load_registry  # noqa: E402
-from mahals.steering import SteeringVector, difference_svd  # noqa: E402
+from mahals.activations import Activations, TokenActivations, capture
+from mahals.models import MahalsModel, load_model, load_tokenizer
+from mahals.registry import load_registry
+from mahals.steering import Steering, SteeringVector, difference_svd, steer
 
 __all__ = [
     "Activations",
     "MahalsModel",
+    "Steering",
     "SteeringVector",
     "TokenActivations",
     "__version__",
@@ -31,4 +34,5 @@ __all__ = [
     "load_model",
     "load_registry",
     "load_tokenizer",
+    "steer",
 ]

@@ -6,12 +6,15 @@ the extraction of a model pair's vectors from its hidden states.
   :class:`DSteerStats`;
 * :mod:`~mahals.steering.gguf` — llama.cpp control-vector export;
 * :mod:`~mahals.steering.extraction` — a pair's vectors and statistics from ``h_base`` /
-  ``h_tuned`` (:func:`extract_pair_vectors`, :func:`mean_cosine_per_layer`).
+  ``h_tuned`` (:func:`extract_pair_vectors`, :func:`mean_cosine_per_layer`);
+* :mod:`~mahals.steering.apply` — applying vectors: :class:`Steering` specs and the
+  :func:`steer` context manager.
 
 **Layer convention.** Row *i* of a vector belongs to model layer ``layers[i]``, the output of
 decoder block ``layers[i]`` (0-based), as in :func:`mahals.capture`.
 """
 
+from mahals.steering.apply import MODES, POSITIONS, Steering, SteeringIntervention, steer
 from mahals.steering.extraction import (
     ANSWERS,
     Answer,
@@ -26,6 +29,11 @@ from mahals.steering.vector import Pool, SteeringVector
 
 __all__ = [
     "ANSWERS",
+    "MODES",
+    "POSITIONS",
+    "Steering",
+    "SteeringIntervention",
+    "steer",
     "Answer",
     "DSteerStats",
     "DifferenceSVD",
