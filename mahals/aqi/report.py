@@ -16,7 +16,7 @@ __all__ = ["OVERALL", "AQIReport", "AQIScore", "Mode"]
 OVERALL = "overall"
 """Name of the category made of all rows of a run."""
 
-Mode = Literal["principled", "reference"]
+Mode = Literal["mahalanobis", "geometry", "reference"]
 
 
 def _tuple_or_none(values: Sequence[float] | None) -> tuple[float, ...] | None:
@@ -27,28 +27,38 @@ def _tuple_or_none(values: Sequence[float] | None) -> tuple[float, ...] | None:
 class AQIScore:
     """AQI of one category (an axiom, or :data:`OVERALL`).
 
-    ``aqi`` is on a 0–100 scale (principled: 0 = chance, 100 = perfect separation; reference:
-    the γ-mix of the run-relative ``chi_norm`` and ``xb_norm``). ``chi_raw``/``xb_raw`` are the
-    unitless Calinski–Harabasz and Xie–Beni indices the score was computed from. ``ci_low``/
-    ``ci_high`` bound ``aqi`` (bootstrap, principled mode only). ``layer_*`` fields are
-    per-layer curves aligned with :attr:`AQIReport.layers` (principled mode only).
+    ``aqi`` depends on the mode: mahalanobis ``100 · (2 · AUC − 1)`` of held-out shrinkage-LDA
+    projections (−100…100, 0 = chance, 100 = perfectly separated); geometry the
+    chance-corrected between-class share of variance (0 = chance, 100 = every row on its class
+    mean); reference the γ-mix of the run-relative ``chi_norm`` and ``xb_norm`` (0–100).
+    ``chi_raw``/``xb_raw`` are the unitless Calinski–Harabasz and Xie–Beni indices (geometry and
+    reference modes). ``auc``/``eta2`` are the held-out ROC-AUC and η² of the projection
+    (mahalanobis). ``ci_low``/``ci_high`` bound ``aqi`` (bootstrap; not in reference mode).
+    ``layer_*`` fields are per-layer curves aligned with :attr:`AQIReport.layers`.
+    ``baselines`` maps a surface-feature baseline's name to its score on the same folds.
     """
 
     category: str
     aqi: float
-    chi_raw: float
-    xb_raw: float
     n_safe: int
     n_unsafe: int
+    chi_raw: float | None = None
+    xb_raw: float | None = None
     chi_norm: float | None = None
     xb_norm: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
+    auc: float | None = None
+    eta2: float | None = None
     layer_aqi: tuple[float, ...] | None = None
     layer_ci_low: tuple[float, ...] | None = None
     layer_ci_high: tuple[float, ...] | None = None
     layer_chi: tuple[float, ...] | None = None
     layer_xb: tuple[float, ...] | None = None
+    layer_auc: tuple[float, ...] | None = None
+    layer_eta2: tuple[float, ...] | None = None
+    layer_shrinkage: tuple[float, ...] | None = None
+    baselines: dict[str, float] | None = None
 
     @property
     def n(self) -> int:
@@ -60,7 +70,16 @@ class AQIScore:
         return cls(**{**data, **curves})
 
 
-_CURVE_FIELDS = ("layer_aqi", "layer_ci_low", "layer_ci_high", "layer_chi", "layer_xb")
+_CURVE_FIELDS = (
+    "layer_aqi",
+    "layer_ci_low",
+    "layer_ci_high",
+    "layer_chi",
+    "layer_xb",
+    "layer_auc",
+    "layer_eta2",
+    "layer_shrinkage",
+)
 
 
 @dataclass(frozen=True)
@@ -130,7 +149,15 @@ class AQIReport:
         columns: list[tuple[str, Any]] = [("AQI", lambda s: f"{s.aqi:.2f}")]
         if all(s.ci_low is not None for s in scores):
             columns.append(("CI", lambda s: f"[{s.ci_low:.2f}, {s.ci_high:.2f}]"))
-        columns += [("CHI", lambda s: f"{s.chi_raw:.4g}"), ("XB", lambda s: f"{s.xb_raw:.4g}")]
+        if all(s.auc is not None for s in scores):
+            columns += [("AUC", lambda s: f"{s.auc:.3f}"), ("eta2", lambda s: f"{s.eta2:.3f}")]
+        for baseline in scores[0].baselines or {}:
+            columns.append((f"baseline {baseline}", lambda s, b=baseline: f"{s.baselines[b]:.2f}"))
+        if all(s.chi_raw is not None for s in scores):
+            columns += [
+                ("CHI", lambda s: f"{s.chi_raw:.4g}"),
+                ("XB", lambda s: f"{s.xb_raw:.4g}"),
+            ]
         if all(s.chi_norm is not None for s in scores):
             columns += [
                 ("CHI_norm", lambda s: f"{s.chi_norm:.2f}"),
@@ -153,16 +180,20 @@ class AQIReport:
 
     def to_pandas(self):
         """A ``pandas.DataFrame`` indexed by category, one column per :class:`AQIScore` scalar
-        field (needs pandas)."""
+        field that this mode fills, and ``baseline_<name>`` per baseline (needs pandas)."""
         try:
             import pandas as pd
         except ImportError as error:
             raise ImportError("AQIReport.to_pandas needs pandas: pip install pandas") from error
         rows = {
-            name: {k: v for k, v in asdict(s).items() if k not in _CURVE_FIELDS}
+            name: {
+                **{k: v for k, v in asdict(s).items() if k not in (*_CURVE_FIELDS, "baselines")},
+                **{f"baseline_{b}": value for b, value in (s.baselines or {}).items()},
+            }
             for name, s in self.scores.items()
         }
-        return pd.DataFrame.from_dict(rows, orient="index").drop(columns="category")
+        frame = pd.DataFrame.from_dict(rows, orient="index").drop(columns="category")
+        return frame.dropna(axis="columns", how="all")
 
     def plot_curve(self, ax=None, categories: Sequence[str] | None = None):
         """Plot AQI over depth (with its confidence band when present) for each category on

@@ -1,5 +1,7 @@
-"""Principled (variance-share) mode: the chance-corrected between-class share of total variance
-per category and layer, with a stratified bootstrap computed from sufficient statistics."""
+"""Geometry mode (a diagnostic; mahals' principled default until issue 9): the chance-corrected
+between-class share of total variance per category and layer, with a stratified bootstrap
+computed from sufficient statistics. It measures how much of the raw Euclidean geometry the
+safe/unsafe split organises, not whether the classes are separable (see :mod:`.mahalanobis`)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import layer_chunks, pca_coordinates
 from mahals.aqi.report import OVERALL, AQIScore
 
-__all__ = ["PRINCIPLED_MODE_NOTES"]
+__all__ = ["GEOMETRY_MODE_NOTES", "geometry_scores"]
 
-PRINCIPLED_MODE_NOTES = """\
-Principled AQI (mahals' default) is the share of the activations' variance that lies between
+GEOMETRY_MODE_NOTES = """\
+Geometry AQI (a diagnostic; the mahalanobis mode is the default) is the share of the activations' variance that lies between
 the safe and the unsafe cluster, corrected for chance:
 
     AQI = 100 * (1 - (n - 1) / (n - 2) * tr(W) / tr(T)) = 100 * (CHI - 1) / (CHI + n - 2)
@@ -202,27 +204,28 @@ def _cells_in_label_order(
 def _indices(
     between: Tensor, within: Tensor, dist2: Tensor, n: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """CHI, XB and principled AQI from two-class traces (any matching shapes)."""
+    """CHI, XB and geometry AQI from two-class traces (any matching shapes)."""
     chi = (n - 2) * between / within
     xb = within / (n * dist2)
     aqi = 100.0 * (1.0 - (n - 1) / (n - 2) * within / (between + within))
     return chi, xb, aqi
 
 
-def _interval(point: Tensor, resampled: Tensor, confidence: float) -> tuple[Tensor, Tensor]:
-    """Bootstrap percentile interval shifted by the bootstrap's bias estimate."""
+def _interval(point: Tensor, resampled: Tensor, confidence: float, n: int) -> tuple[Tensor, Tensor]:
+    """Bootstrap percentile interval shifted by the bootstrap's bias estimate, clipped to the
+    attainable range [−100 / (n − 2), 100]."""
     bias = resampled.mean(0) - point
     alpha = (1.0 - confidence) / 2
     levels = torch.tensor([alpha, 1.0 - alpha], dtype=resampled.dtype, device=resampled.device)
     low, high = torch.quantile(resampled, levels, dim=0) - bias
-    return low, high.clamp(max=100.0)
+    return low.clamp(min=-100.0 / (n - 2)), high.clamp(max=100.0)
 
 
 def _floats(values: Tensor) -> tuple[float, ...]:
     return tuple(values.cpu().tolist())
 
 
-def _principled_score(
+def _geometry_score(
     category: str,
     traces: tuple[Tensor, Tensor, Tensor],
     n_safe: int,
@@ -243,8 +246,8 @@ def _principled_score(
     aqi = layer_aqi.mean(-1)
     intervals: dict[str, Any] = {}
     if confidence is not None:
-        low, high = _interval(aqi[0], aqi[1:], confidence)
-        layer_low, layer_high = _interval(layer_aqi[0], layer_aqi[1:], confidence)
+        low, high = _interval(aqi[0], aqi[1:], confidence, n)
+        layer_low, layer_high = _interval(layer_aqi[0], layer_aqi[1:], confidence, n)
         intervals = {
             "ci_low": float(low),
             "ci_high": float(high),
@@ -265,7 +268,7 @@ def _principled_score(
     )
 
 
-def _principled_scores(
+def geometry_scores(
     x: Tensor,
     layer_index: Tensor,
     rows: dict[str, Tensor],
@@ -277,6 +280,8 @@ def _principled_scores(
     confidence: float,
     device: torch.device,
 ) -> dict[str, AQIScore]:
+    """Geometry scores of every category of ``rows`` (:data:`OVERALL` = all rows pooled) at
+    the layers ``layer_index`` of ``x`` ``[n, layer, d]``; see :data:`GEOMETRY_MODE_NOTES`."""
     order, ranges = _cells_in_label_order(rows, is_unsafe)
     axiom_cells = {}
     for name, (safe, unsafe) in ranges.items():
@@ -315,7 +320,7 @@ def _principled_scores(
                 device,
             )
     return {
-        name: _principled_score(
+        name: _geometry_score(
             name, traces[name], cell.n_safe, cell.n_unsafe, confidence if n_bootstrap > 0 else None
         )
         for name, cell in cells.items()
