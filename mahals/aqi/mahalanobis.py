@@ -2,15 +2,17 @@
 in the within-class-whitened geometry, per category and layer.
 
 For each (category, layer): stratified k-fold cross-validation (folds fixed by the seed and the
-category's name); on the k − 1 training folds a shrinkage LDA direction
+category's name). On the k − 1 training folds a shrinkage LDA direction
 ``w = Σ⁻¹ (μ_unsafe − μ_safe)`` with ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` (``S_w`` the pooled
-within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value);
-the held-out fold is projected on ``w`` and scored by its ROC-AUC (headline
-``100 · (2 · AUC − 1)``) and by the η² of the 1-D projection (reported alongside), averaged over
-folds. With fewer rows than dimensions everything is computed from the rows' Gram matrix (dual
-form, Woodbury identity), which is exact. Confidence intervals come from a bootstrap of the
-held-out rows within each (fold, label) cell. Torch float64 throughout, CPU or GPU.
-See ``docs/aqi.md`` for the formulas and the reasons behind each choice.
+within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value),
+after rescaling the few "spike" directions of huge variance (attention sinks, outlier
+dimensions) to the bulk level so they cannot inflate the shrinkage target. The held-out fold is
+projected on ``w`` and scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η²
+of the 1-D projection (reported alongside), averaged over folds. With fewer rows than
+dimensions everything is computed from the rows' Gram matrix (dual form, Woodbury identity),
+which is exact. Confidence intervals come from a bootstrap of the held-out rows within each
+(fold, label) cell. Torch float64 throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas
+and the reasons behind each choice.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
 from mahals.aqi.report import OVERALL, AQIScore
 
-_EIGEN_ITERATIONS = 30
+_EIGEN_ITERATIONS = 15
 _SPIKE_MARGIN = 2.0
 """A spike's variance must exceed this multiple of the Marchenko–Pastur edge: sampling noise
 puts the bulk's top eigenvalues near the edge, attention sinks and outlier dimensions lie
