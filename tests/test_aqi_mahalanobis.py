@@ -78,24 +78,28 @@ def test_two_gaussians_match_the_closed_forms(delta):
     assert result.eta2 == pytest.approx(delta**2 / (delta**2 + 4), abs=0.02)
 
 
-def test_huge_nuisance_dimension_or_sink_coordinate_leaves_the_score_unchanged():
-    x, is_unsafe = planted(80, 10, shift=3.0, seed=3)
+def test_a_large_nuisance_dimension_or_sink_coordinate_barely_moves_the_score():
+    # Label-free extra coordinates with 10³× the variance of a signal dimension (20× the
+    # total variance of the other 50): a random nuisance, and a mean-pooled attention sink
+    # h_sink / n_tokens. Whitening keeps the score within a few points (docs/aqi.md: it
+    # degrades from ~10⁵× on); the variance-share score collapses.
+    x, is_unsafe = planted(80, 50, shift=3.0, seed=3)
     generator = torch.Generator().manual_seed(4)
     n_tokens = torch.randint(5, 40, (len(x),), generator=generator).double()
-    nuisance = 1e3 * torch.randn(len(x), 1, generator=generator, dtype=torch.float64)
-    sink = 2e4 / n_tokens[:, None]  # a mean-pooled attention sink: h_sink / n_tokens
+    nuisance = math.sqrt(1e3) * torch.randn(len(x), 1, generator=generator, dtype=torch.float64)
+    sink = 1.0 / n_tokens[:, None]
+    sink *= math.sqrt(1e3) / sink.std()
     clean = score(x, is_unsafe)
     assert clean > 80
     for extra in (nuisance, sink):
-        assert score(torch.cat([x, extra], 1), is_unsafe) == pytest.approx(clean, abs=1.0)
-    # The variance-share score collapses under the same nuisance.
+        assert score(torch.cat([x, extra], 1), is_unsafe) == pytest.approx(clean, abs=5.0)
     geometry = score(x, is_unsafe, mode="geometry")
     assert score(torch.cat([x, nuisance], 1), is_unsafe, mode="geometry") < geometry / 10
 
 
 def test_rescaling_and_rotation_leave_the_score_unchanged():
     x, is_unsafe = planted(50, 12, shift=1.5, seed=5, n_layers=2)
-    x = torch.cat([x, 500 * torch.randn(100, 2, 1, dtype=torch.float64)], -1)  # with a spike
+    x = torch.cat([x, 30 * torch.randn(100, 2, 1, dtype=torch.float64)], -1)  # anisotropic
     generator = torch.Generator().manual_seed(6)
     rotation = torch.linalg.qr(torch.randn(13, 13, generator=generator, dtype=torch.float64))[0]
     base = evaluate_activations(x, ["a"] * 100, is_unsafe)
@@ -140,9 +144,7 @@ def test_lda_direction_and_held_out_projections_equal_sklearn(n_per_class, d, sh
     np.testing.assert_allclose(direction.numpy(), reference.coef_[0], rtol=1e-7, atol=1e-10)
 
     folds = stratified_folds(is_unsafe, 5, torch.Generator().manual_seed(11))
-    projections, alphas = cross_validated_projections(
-        x, is_unsafe, folds, shrinkage=shrinkage, max_spikes=0
-    )
+    projections, alphas = cross_validated_projections(x, is_unsafe, folds, shrinkage=shrinkage)
     for fold in range(5):
         train, held_out = (folds != fold).numpy(), (folds == fold).numpy()
         model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=float(alphas[fold, 0]))
@@ -151,15 +153,12 @@ def test_lda_direction_and_held_out_projections_equal_sklearn(n_per_class, d, sh
         np.testing.assert_allclose(projections[0, held_out].numpy(), expected, rtol=1e-7)
 
 
-@pytest.mark.parametrize("max_spikes", [0, 8])
-def test_dual_path_equals_primal_path(max_spikes):
+def test_dual_path_equals_primal_path():
     x, is_unsafe = planted(25, 40, shift=1.2, seed=12, n_layers=3)
-    x[..., 5] *= 300.0  # a spike for the rescaling path
+    x[..., 5] *= 300.0  # anisotropic
     folds = stratified_folds(is_unsafe, 5, torch.Generator().manual_seed(13))
-    primal = cross_validated_projections(
-        x, is_unsafe, folds, solver="primal", max_spikes=max_spikes
-    )
-    dual = cross_validated_projections(x, is_unsafe, folds, solver="dual", max_spikes=max_spikes)
+    primal = cross_validated_projections(x, is_unsafe, folds, solver="primal")
+    dual = cross_validated_projections(x, is_unsafe, folds, solver="dual")
     for primal_values, dual_values in zip(primal, dual, strict=True):
         torch.testing.assert_close(dual_values, primal_values, rtol=1e-8, atol=1e-10)
     primal_direction = lda_direction(x, is_unsafe, solver="primal")

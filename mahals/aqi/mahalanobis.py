@@ -4,11 +4,10 @@ in the within-class-whitened geometry, per category and layer.
 For each (category, layer): stratified k-fold cross-validation (folds fixed by the seed and the
 category's name). On the k − 1 training folds a shrinkage LDA direction
 ``w = Σ⁻¹ (μ_unsafe − μ_safe)`` with ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` (``S_w`` the pooled
-within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value),
-after rescaling the few "spike" directions of huge variance (attention sinks, outlier
-dimensions) to the bulk level so they cannot inflate the shrinkage target. The held-out fold is
-projected on ``w`` and scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η²
-of the 1-D projection (reported alongside), averaged over folds. With fewer rows than
+within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value).
+The held-out fold is projected on ``w`` and
+scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η² of the 1-D projection
+(reported alongside), averaged over folds. With fewer rows than
 dimensions everything is computed from the rows' Gram matrix (dual form, Woodbury identity),
 which is exact. Confidence intervals come from a bootstrap of the held-out rows within each
 (fold, label) cell. Torch float64 throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas
@@ -29,12 +28,6 @@ from torch import Tensor
 from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
 from mahals.aqi.report import OVERALL, AQIScore
-
-_EIGEN_ITERATIONS = 15
-_SPIKE_MARGIN = 2.0
-"""A spike's variance must exceed this multiple of the Marchenko–Pastur edge: sampling noise
-puts the bulk's top eigenvalues near the edge, attention sinks and outlier dimensions lie
-orders of magnitude above it."""
 
 __all__ = [
     "Shrinkage",
@@ -215,39 +208,6 @@ def lda_direction(
     return (direction[0] if x.ndim == 2 else direction), alpha
 
 
-def _top_eigenpairs(
-    matrix: Float[Tensor, "layer k k"], q: int, iterations: int = _EIGEN_ITERATIONS
-) -> tuple[Float[Tensor, "layer q"], Float[Tensor, "layer k q"]]:
-    """Largest ``q`` eigenpairs of symmetric PSD matrices (descending) by subspace iteration
-    from a fixed start (deterministic, and cheap next to a full eigendecomposition; spikes far
-    above the bulk converge in a few iterations)."""
-    q = min(q, matrix.shape[-1])
-    start = torch.randn(matrix.shape[-1], q, generator=torch.Generator().manual_seed(0))
-    basis = start.to(matrix).expand(matrix.shape[0], -1, -1)
-    for _ in range(iterations):
-        basis = torch.linalg.qr(matrix @ basis).Q
-    values, vectors = torch.linalg.eigh(basis.transpose(1, 2) @ matrix @ basis)
-    return values.flip(-1), (basis @ vectors).flip(-1)
-
-
-def _spike_count(variances: Tensor, trace: Tensor, n: int, d: int) -> Tensor:
-    """How many of the leading total variances ``[layer, q]`` lie above
-    :data:`_SPIKE_MARGIN` times the Marchenko–Pastur edge ``μ_bulk (1 + √(d_bulk / n))²`` of
-    the remaining (bulk) variance; ``[layer]``."""
-    count = torch.zeros(variances.shape[0], dtype=torch.long, device=variances.device)
-    for _ in range(variances.shape[1] + 1):
-        spikes = torch.arange(variances.shape[1], device=variances.device) < count[:, None]
-        remaining = d - count
-        bulk = (trace - (variances * spikes).sum(-1)) / remaining.clamp(min=1)
-        edge = _SPIKE_MARGIN * bulk * (1.0 + (remaining / n).sqrt()).square()
-        updated = (variances > edge[:, None]).long().cumprod(-1).sum(-1)
-        updated = torch.minimum(updated, torch.full_like(updated, d - 1))
-        if bool((updated == count).all()):
-            break
-        count = updated
-    return count
-
-
 def cross_validated_projections(
     x: Float[Tensor, "n layer d"] | Float[Tensor, "n d"],
     is_unsafe: Bool[Tensor, " n"],
@@ -255,33 +215,21 @@ def cross_validated_projections(
     *,
     shrinkage: Shrinkage = "oas",
     solver: Solver = "auto",
-    max_spikes: int = 8,
     check_constant: str | None = None,
 ) -> tuple[Float[Tensor, "layer n"], Float[Tensor, "fold layer"]]:
-    """Each row's projection on the shrinkage-LDA direction fitted without its fold.
-
-    Spikes: the leading directions ``u_i`` of the category's total covariance (label-free, all
-    rows) whose variance lies above twice the Marchenko–Pastur edge of the rest (at most
-    ``max_spikes``; an attention sink or an outlier dimension is one) are rescaled, per fold,
-    to the training rows' bulk within-class variance ``μ_b``:
-    ``x ↦ x − Σ_i (1 − √(μ_b / ω_i)) u_i u_iᵀ x`` with ``ω_i`` the training rows' within-class
-    variance along ``u_i``. The map is invertible and fitted without held-out labels, so the
-    population separation is unchanged; it only keeps one huge direction from inflating the
-    shrinkage target ``tr(S)/d · I`` (which would drown every other direction). Then LDA with
-    OAS (or fixed) shrinkage on the rescaled training rows, and the held-out rows projected.
+    """Each row's projection ``x · w`` on the shrinkage-LDA direction fitted without its fold.
 
     Args:
         x: one category's rows ``[n, layer, d]`` (or ``[n, d]``), any float dtype.
         is_unsafe: label per row.
         folds: fold id per row, ``0..k−1`` (e.g. :func:`stratified_folds`).
         shrinkage, solver: see :func:`lda_direction`.
-        max_spikes: most directions rescaled per layer (0 = none: plain shrinkage LDA).
         check_constant: a category name: raise if its rows are identical at a layer.
 
     Returns:
-        ``(projections [layer, n], α [fold, layer])``, float64 on ``x.device``. The
-        projections are ``x' · w`` of the rescaled rows; with ``max_spikes=0`` they are
-        scikit-learn's ``decision_function − intercept_`` for the same folds and α.
+        ``(projections [layer, n], α [fold, layer])``, float64 on ``x.device``; the
+        projections equal scikit-learn's ``decision_function − intercept_`` for the same folds
+        and α.
     """
     layered = as_layered(x)
     n, n_layers, d = layered.shape
@@ -296,94 +244,26 @@ def cross_validated_projections(
         centered = chunk - mean  # conditioning: the Gram of raw activations is ill-scaled
         if check_constant is not None:
             _check_not_constant(centered, check_constant, layers)
-        trace = centered.square().sum((1, 2)) / n
         if dual:
             gram = centered @ centered.transpose(1, 2)
-            offset = (centered @ mean.transpose(1, 2))[..., 0]  # x_c · mean
-        if max_spikes > 0:
-            if dual:
-                values, vectors = _top_eigenpairs(gram, max_spikes)
-                roots = values.clamp(min=torch.finfo(values.dtype).tiny).sqrt()
-                scores = gram @ vectors / roots[:, None, :]  # x_c · u_i
-                mean_along = (vectors * offset[..., None]).sum(1) / roots  # mean · u_i
-            else:
-                covariance = centered.transpose(1, 2) @ centered
-                values, directions = _top_eigenpairs(covariance, max_spikes)
-                scores = centered @ directions
-                mean_along = (mean @ directions)[:, 0]
-            spikes = (
-                torch.arange(values.shape[-1], device=device)
-                < _spike_count(values / n, trace, n, d)[:, None]
-            )
+            offset = (centered @ mean.transpose(1, 2))[..., 0]  # x_c · mean, so x · w follows
         chunk_projections = torch.empty(len(layers), n, dtype=torch.float64, device=device)
         chunk_alphas = []
         for fold in range(n_folds):
             train = torch.nonzero(folds != fold).flatten()
             held_out = torch.nonzero(folds == fold).flatten()
-            shrink = torch.zeros(len(layers), 0, dtype=torch.float64, device=device)
-            if max_spikes > 0:
-                if dual:
-                    within_trace = _within_trace_from_gram(
-                        gram[:, train][:, :, train], is_unsafe[train]
-                    )
-                else:
-                    onehot, averaging = _class_operators(is_unsafe[train], chunk.dtype)
-                    rows = centered[:, train]
-                    within = rows - onehot @ (averaging.T @ rows)
-                    within_trace = within.square().sum((1, 2)) / len(train)
-                shrink = _spike_factors(scores[:, train], is_unsafe[train], within_trace, spikes, d)
             if dual:
-                fold_gram, fold_offset = gram, offset
-                if max_spikes > 0:
-                    # x' = x − U f Uᵀ x: Gram and x'·mean' change by rank-q terms.
-                    weight = 2 * shrink - shrink.square()
-                    fold_gram = gram - (scores * weight[:, None]) @ scores.transpose(1, 2)
-                    fold_offset = offset - (scores * weight[:, None] * mean_along[:, None]).sum(-1)
-                beta, alpha = _dual_fit(
-                    fold_gram[:, train][:, :, train], is_unsafe[train], d, shrinkage
-                )
-                values_out = torch.einsum(
-                    "lmn,ln->lm", fold_gram[:, held_out][:, :, train], beta
-                ) + (fold_offset[:, train] * beta).sum(-1, keepdim=True)
+                beta, alpha = _dual_fit(gram[:, train][:, :, train], is_unsafe[train], d, shrinkage)
+                values = torch.einsum("lmn,ln->lm", gram[:, held_out][:, :, train], beta)
+                values += (offset[:, train] * beta).sum(-1, keepdim=True)
             else:
-                fold_rows, fold_centered = chunk, centered
-                if max_spikes > 0:
-                    along = (chunk @ directions) * shrink[:, None]
-                    fold_rows = chunk - along @ directions.transpose(1, 2)
-                    fold_centered = fold_rows - fold_rows.mean(1, keepdim=True)
-                direction, alpha = _primal_fit(fold_centered[:, train], is_unsafe[train], shrinkage)
-                values_out = torch.einsum("lmd,ld->lm", fold_rows[:, held_out], direction)
-            chunk_projections[:, held_out] = values_out
+                direction, alpha = _primal_fit(centered[:, train], is_unsafe[train], shrinkage)
+                values = torch.einsum("lmd,ld->lm", chunk[:, held_out], direction)
+            chunk_projections[:, held_out] = values
             chunk_alphas.append(alpha)
         projections.append(chunk_projections)
         alphas.append(torch.stack(chunk_alphas))
     return torch.cat(projections), torch.cat(alphas, dim=1)
-
-
-def _spike_factors(
-    scores: Tensor, is_unsafe: Tensor, within_trace: Tensor, spikes: Tensor, d: int
-) -> Tensor:
-    """``f_i = 1 − √(μ_b / ω_i)`` per spike direction (0 elsewhere), ``[layer, q]``.
-
-    ``scores`` ``[layer, m, q]`` are the training rows' coordinates along the directions,
-    ``ω_i`` their within-class variance along ``u_i``, and ``μ_b`` the training rows'
-    within-class variance per dimension outside the spikes (from ``within_trace = tr(S_w)``).
-    Where nothing is left outside the spikes, nothing is rescaled."""
-    onehot, averaging = _class_operators(is_unsafe, scores.dtype)
-    within = scores - onehot @ (averaging.T @ scores)
-    omega = within.square().mean(1)  # [layer, q]
-    n_spikes = spikes.sum(-1)
-    bulk = (within_trace - (omega * spikes).sum(-1)) / (d - n_spikes).clamp(min=1)
-    usable = spikes & (omega > 0) & (bulk[:, None] > 0)
-    ratio = torch.where(usable, bulk[:, None] / torch.where(usable, omega, 1.0), 1.0)
-    return 1.0 - ratio.sqrt()
-
-
-def _within_trace_from_gram(gram: Tensor, is_unsafe: Tensor) -> Tensor:
-    """``tr(S_w)`` of rows given only their Gram matrix ``[layer, m, m]``."""
-    onehot, averaging = _class_operators(is_unsafe, gram.dtype)
-    between = (averaging * (gram @ onehot)).sum((1, 2))  # Σ_c 1_cᵀ G 1_c / n_c
-    return (gram.diagonal(dim1=1, dim2=2).sum(-1) - between) / gram.shape[-1]
 
 
 def _check_not_constant(centered: Tensor, category: str, layers: Tensor) -> None:
@@ -474,7 +354,6 @@ def held_out_scores(
     n_bootstrap: int = 200,
     shrinkage: Shrinkage = "oas",
     solver: Solver = "auto",
-    max_spikes: int = 8,
     check_constant: bool = True,
 ) -> HeldOutScores:
     """Cross-validated shrinkage-LDA separation of one category's rows, per layer.
@@ -498,7 +377,6 @@ def held_out_scores(
         folds,
         shrinkage=shrinkage,
         solver=solver,
-        max_spikes=max_spikes,
         check_constant=category if check_constant else None,
     )
     device = projections.device
