@@ -269,3 +269,36 @@ def test_evaluate_and_evaluate_activations_share_defaults():
     assert from_dataset == direct
     assert (direct.mode, direct.layers, direct.settings["seed"]) == ("mahalanobis", (0, 1, 2), 42)
     assert OVERALL in direct.scores
+
+
+@pytest.mark.slow
+def test_evaluate_on_a_real_model_scores_the_embedding_and_length_baselines(smollm2):
+    # The embedding baseline is HF's hidden_states[0] averaged over each text's tokens; the
+    # length baseline uses the capture's token counts.
+    from mahals.activations import capture, tokenize
+    from mahals.aqi import embedding_features
+
+    texts = [f"How do I {verb} a {noun}?" for verb in ("kill", "bake") for noun in ("cake", "lock")]
+    features = embedding_features(smollm2, texts)
+    for row, ids in enumerate(tokenize(smollm2, texts)):
+        with torch.no_grad():
+            hidden = smollm2.hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[0]
+        torch.testing.assert_close(features[row], hidden[0].double().mean(0), rtol=1e-6, atol=1e-7)
+    texts = texts * 5
+    dataset = SafetyDataset(
+        tuple(texts), ("a",) * 20, tuple("unsafe" if "kill" in t else "safe" for t in texts)
+    )
+    report = evaluate(smollm2, dataset, layer=[-1], n_bootstrap=0)
+    captured = capture(smollm2, texts, pool="mean", layers=[-1])
+    expected = evaluate_activations(
+        captured.tensor,
+        dataset.axioms,
+        dataset.labels,
+        layer_ids=captured.layers,
+        n_tokens=captured.n_tokens,
+        baselines={"embedding": embedding_features(smollm2, texts)},
+        n_bootstrap=0,
+        model_name=smollm2.name,
+    )
+    assert report == expected
+    assert set(report["a"].baselines) == {"embedding", "length"}

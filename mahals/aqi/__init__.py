@@ -24,7 +24,13 @@ and :mod:`~mahals.aqi.evaluation` (:func:`evaluate_activations`, the model-free 
 :func:`evaluate`, model + :class:`~mahals.data.SafetyDataset` → :class:`AQIReport`).
 """
 
-from mahals.aqi.evaluation import DEFAULT_SEED, evaluate, evaluate_activations, length_features
+from mahals.aqi.evaluation import (
+    DEFAULT_SEED,
+    embedding_features,
+    evaluate,
+    evaluate_activations,
+    length_features,
+)
 from mahals.aqi.geometry import GEOMETRY_MODE_NOTES
 from mahals.aqi.indices import calinski_harabasz, pca_reduce, xie_beni
 from mahals.aqi.mahalanobis import cross_validated_projections, lda_direction, stratified_folds
@@ -43,6 +49,7 @@ __all__ = [
     "AQIScore",
     "calinski_harabasz",
     "cross_validated_projections",
+    "embedding_features",
     "evaluate",
     "evaluate_activations",
     "lda_direction",

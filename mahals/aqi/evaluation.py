@@ -29,7 +29,13 @@ if TYPE_CHECKING:
     from mahals.data import SafetyDataset
     from mahals.models import MahalsModel
 
-__all__ = ["DEFAULT_SEED", "evaluate", "evaluate_activations", "length_features"]
+__all__ = [
+    "DEFAULT_SEED",
+    "embedding_features",
+    "evaluate",
+    "evaluate_activations",
+    "length_features",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -230,9 +236,11 @@ def evaluate_activations(
     )
 
 
-def _embedding_baseline(model: MahalsModel, texts: Sequence[str]) -> Tensor:
-    """Mean-pooled input-embedding output per text ``[n, d_model]`` (a bag-of-tokens view of
-    the prompt: it sees which tokens occur, not the model's processing of them)."""
+def embedding_features(model: MahalsModel, texts: Sequence[str]) -> Float[Tensor, "n d_model"]:
+    """The embedding-output surface baseline: each text's input embeddings (the decoder's
+    input, HF ``hidden_states[0]``, scaling included) averaged over its tokens; float64 CPU
+    ``[n, d_model]``. A bag-of-tokens view of the prompt: it sees which tokens occur, not the
+    model's processing of them."""
     from mahals.activations import tokenize
 
     embedding = model.hf.get_input_embeddings()
@@ -323,7 +331,7 @@ def evaluate(
     )
     if mode == "mahalanobis":
         n_tokens = captured.n_tokens if n_tokens is None else n_tokens
-        baselines = {"embedding": _embedding_baseline(model, dataset.texts), **(baselines or {})}
+        baselines = {"embedding": embedding_features(model, dataset.texts), **(baselines or {})}
     return evaluate_activations(
         captured.tensor,
         dataset.axioms,
