@@ -20,9 +20,13 @@ def as_layered(x: Tensor) -> Tensor:
     raise ValueError(f"expected activations [n, d] or [n, layer, d], got shape {tuple(x.shape)}")
 
 
-def layer_chunks(layer_index: Tensor, n_rows: int, d: int) -> list[Tensor]:
+def layer_chunks(
+    layer_index: Tensor, n_rows: int, d: int, budget: int = _CHUNK_BYTES
+) -> list[Tensor]:
+    """``layer_index`` split so that one chunk of ``n_rows × d`` float64 values per layer fits
+    in ``budget`` bytes (at least one layer per chunk)."""
     per_layer = max(1, n_rows * d * 8)
-    step = max(1, _CHUNK_BYTES // per_layer)
+    step = max(1, budget // per_layer)
     return list(torch.split(layer_index, step))
 
 

@@ -29,6 +29,8 @@ from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
 from mahals.aqi.report import OVERALL, AQIScore
 
+_CHUNK_BYTES = 512 * 2**20  # float64 rows of one category, per layer chunk
+
 __all__ = [
     "Shrinkage",
     "Solver",
@@ -238,7 +240,8 @@ def cross_validated_projections(
     device = layered.device
     folds, is_unsafe = folds.to(device), is_unsafe.to(device)
     projections, alphas = [], []
-    for layers in layer_chunks(torch.arange(n_layers), n, d):
+    # Large chunks: the per-fold work is many small batched solves, cheaper in fewer calls.
+    for layers in layer_chunks(torch.arange(n_layers), n, d, budget=_CHUNK_BYTES):
         chunk = layered[:, layers.to(device)].to(torch.float64).transpose(0, 1)  # [l, n, d]
         mean = chunk.mean(1, keepdim=True)
         centered = chunk - mean  # conditioning: the Gram of raw activations is ill-scaled
