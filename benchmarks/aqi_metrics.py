@@ -1,4 +1,4 @@
-"""Time principled AQI metrics: CHI + XB + stratified bootstrap, all layers, 7 axioms + overall.
+"""Time geometry-mode AQI metrics: CHI + XB + stratified bootstrap, all layers, 7 axioms + overall.
 
 Random activations (7 axioms x 2 labels, equal cells) are generated on the target device, so
 the timing covers the metrics only (no host-to-device copy). Prints one markdown table row.
@@ -44,7 +44,9 @@ def run(n: int, d: int, layers: int, n_bootstrap: int, device: torch.device) -> 
     labels = ["unsafe" if (i // N_AXIOMS) % 2 else "safe" for i in range(n)]
     synchronize(device)
     start = time.perf_counter()
-    evaluate_activations(activations, axioms, labels, layer="all", n_bootstrap=n_bootstrap)
+    evaluate_activations(
+        activations, axioms, labels, mode="geometry", layer="all", n_bootstrap=n_bootstrap
+    )
     synchronize(device)
     return time.perf_counter() - start
 

@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Mapping, Sequence
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,7 +29,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
+from mahals.aqi.report import OVERALL
 from mahals.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from mahals.aqi import AQIReport
 
 __all__ = [
     "Values",
@@ -36,6 +41,7 @@ __all__ = [
     "aqi_bar_plot",
     "aqi_axiom_heatmap",
     "aqi_layer_curves",
+    "aqi_category_curves",
     "layer_curve",
     "layer_curves_comparison",
     "explained_variance_plot",
@@ -294,6 +300,46 @@ def aqi_layer_curves(
         path=path,
         dpi=dpi,
     )
+
+
+def aqi_category_curves(
+    report: AQIReport, *, ax: Axes | None = None, categories: Sequence[str] | None = None
+) -> Axes:
+    """AQI over depth of each category of one report (overall in bold black), with the
+    per-layer confidence band when present; draws on ``ax`` (default: a new Agg figure) and
+    returns it. Raises if a category has no per-layer curve (reference mode)."""
+    if ax is None:
+        _, (ax,) = _new_figure(7.0, 4.0)
+    names = list(categories) if categories is not None else list(report.scores)
+    for name in names:
+        score = report.scores[name]
+        if score.layer_aqi is None:
+            raise ValueError(f"{name!r} has no per-layer curve ({report.mode} mode)")
+        is_overall = name == OVERALL
+        (line,) = ax.plot(
+            report.layers,
+            score.layer_aqi,
+            marker="o",
+            markersize=3,
+            linewidth=2.5 if is_overall else 1.2,
+            color="black" if is_overall else None,
+            label=name,
+        )
+        if score.layer_ci_low is not None:
+            ax.fill_between(
+                report.layers,
+                score.layer_ci_low,
+                score.layer_ci_high,
+                color=line.get_color(),
+                alpha=0.15,
+                linewidth=0,
+            )
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("AQI (0 = chance, 100 = perfect)")
+    ax.set_title(f"{report.model}: AQI over depth")
+    ax.legend(fontsize="small", ncol=2)
+    return ax
 
 
 def layer_curve(

@@ -31,6 +31,12 @@ from mahals.data import SafetyDataset
 
 matplotlib.use("Agg")
 
+
+def geometry_aqi(*args, **kwargs) -> AQIReport:
+    """The variance-share score (mode "geometry", called "principled" before issue 9)."""
+    return evaluate_activations(*args, mode="geometry", **kwargs)
+
+
 WORKED_CHI = [559.93, 664.57, 451.91, 776.91, 464.95, 683.10, 627.55, 989.71]
 WORKED_XB = [0.1777, 0.1497, 0.2202, 0.1281, 0.2140, 0.1457, 0.1586, 0.7068]
 
@@ -212,12 +218,12 @@ def test_reference_mode_runs_tsne_per_category_and_clamps_perplexity(reference_r
         reference_aqi(x, axioms, labels)
 
 
-# ----------------------------------------------------------------------------- principled mode
+# ------------------------------------------------------------------------------ geometry mode
 
 
-def test_principled_raw_indices_match_sklearn_and_numpy_at_each_layer():
+def test_geometry_raw_indices_match_sklearn_and_numpy_at_each_layer():
     x, axioms, labels = synthetic_run()
-    report = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=0)
+    report = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=0)
     rows = [i for i, a in enumerate(axioms) if a == "mild"]
     unsafe = np.array([labels[i] == "unsafe" for i in rows])
     score = report["mild"]
@@ -236,10 +242,10 @@ def test_principled_raw_indices_match_sklearn_and_numpy_at_each_layer():
             assert chi * xb == pytest.approx(identity, rel=1e-10)
 
 
-def test_principled_aqi_is_the_chance_corrected_variance_share():
+def test_geometry_aqi_is_the_chance_corrected_variance_share():
     x, axioms, labels = synthetic_run()
     x = x * torch.tensor([1.0, 0.1, 20.0])[None, :, None]  # layers of very different scales
-    report = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=0)
+    report = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=0)
     rows = [i for i, a in enumerate(axioms) if a == "planted"]
     unsafe = np.array([labels[i] == "unsafe" for i in rows])
     n = len(rows)
@@ -260,23 +266,23 @@ def test_principled_aqi_is_the_chance_corrected_variance_share():
     assert score.xb_raw == pytest.approx(numpy_xie_beni(concatenated, unsafe), rel=1e-10)
 
 
-def test_principled_mode_gives_identical_bits_on_rerun():
+def test_geometry_mode_gives_identical_bits_on_rerun():
     x, axioms, labels = synthetic_run()
-    first = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=50, seed=7)
-    second = evaluate_activations(
+    first = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=50, seed=7)
+    second = geometry_aqi(
         x.clone(), list(axioms), list(labels), layer="all", n_bootstrap=50, seed=7
     )
     assert first.to_dict() == second.to_dict()
-    other_seed = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=50, seed=8)
+    other_seed = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=50, seed=8)
     assert other_seed["mild"].aqi == first["mild"].aqi
     assert other_seed["mild"].ci_low != first["mild"].ci_low
 
 
 def test_category_scores_do_not_depend_on_other_categories_in_the_run():
     x, axioms, labels = synthetic_run()
-    full = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=40)
+    full = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=40)
     keep = [i for i, a in enumerate(axioms) if a != "mild"]  # shifts the others' positions
-    subset = evaluate_activations(
+    subset = geometry_aqi(
         x[keep], [axioms[i] for i in keep], [labels[i] for i in keep], layer="all", n_bootstrap=40
     )
     assert subset.axioms == ["noise", "planted"]
@@ -292,13 +298,13 @@ def test_category_scores_do_not_depend_on_other_categories_in_the_run():
 
 def test_planted_separation_scores_higher_than_noise():
     x, axioms, labels = synthetic_run(n_per_cell=30)
-    report = evaluate_activations(x, axioms, labels, layer=-1)
+    report = geometry_aqi(x, axioms, labels, layer=-1)
     assert report["planted"].aqi > 50
     assert report["noise"].aqi < 10
     assert report["planted"].aqi > report["mild"].aqi > report["noise"].aqi
     curve = report["planted"].layer_aqi
     assert len(curve) == 1 and curve[0] == report["planted"].aqi
-    depth = evaluate_activations(x, axioms, labels, layer="all")
+    depth = geometry_aqi(x, axioms, labels, layer="all")
     first_layer, *later = depth["planted"].layer_aqi  # the shift is absent at layer 0
     assert first_layer < 10 and min(later) > 50
 
@@ -306,7 +312,7 @@ def test_planted_separation_scores_higher_than_noise():
 @pytest.mark.parametrize("d", [4, 256])
 def test_bootstrap_interval_contains_point_estimate(d):
     x, axioms, labels = synthetic_run(n_per_cell=25, n_layers=2, d=d)
-    report = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=200)
+    report = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=200)
     for score in report.scores.values():
         assert score.ci_low < score.aqi < score.ci_high, score.category
         for low, point, high in zip(
@@ -325,7 +331,7 @@ def test_chance_level_is_zero_over_all_relabellings():
     scores = []
     for unsafe_rows in itertools.combinations(range(8), 4):
         labels = ["unsafe" if i in unsafe_rows else "safe" for i in range(8)]
-        report = evaluate_activations(x, ["a"] * 8, labels, layer="all", n_bootstrap=0)
+        report = geometry_aqi(x, ["a"] * 8, labels, layer="all", n_bootstrap=0)
         scores.append(report["a"].layer_aqi)
     assert np.mean(scores, axis=0) == pytest.approx([0.0, 0.0], abs=1e-9)
     assert np.min(scores) >= -100 / (8 - 2) - 1e-9
@@ -337,7 +343,7 @@ def test_chance_level_near_zero_for_unrelated_labels():
     scores = []
     for _ in range(60):
         shuffled = rng.sample(labels, len(labels))
-        scores.append(evaluate_activations(x, axioms, shuffled, n_bootstrap=0)["noise"].aqi)
+        scores.append(geometry_aqi(x, axioms, shuffled, n_bootstrap=0)["noise"].aqi)
     assert abs(np.mean(scores)) < 3 * np.std(scores) / math.sqrt(len(scores))
 
 
@@ -359,12 +365,12 @@ def test_pca_reduce_matches_sklearn_pca_up_to_sign_with_fixed_signs():
 
 def test_pca_keeping_every_component_leaves_scores_unchanged():
     x, axioms, labels = synthetic_run(d=6)
-    plain = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=20)
-    reduced = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=20, pca_dim=6)
+    plain = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=20)
+    reduced = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=20, pca_dim=6)
     for name in plain.scores:
         assert reduced[name].aqi == pytest.approx(plain[name].aqi, rel=1e-9)
         assert reduced[name].ci_low == pytest.approx(plain[name].ci_low, rel=1e-9)
-    truncated = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=0, pca_dim=1)
+    truncated = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=0, pca_dim=1)
     assert truncated["planted"].aqi != pytest.approx(plain["planted"].aqi)
     assert truncated.settings["pca_dim"] == 1
 
@@ -372,7 +378,7 @@ def test_pca_keeping_every_component_leaves_scores_unchanged():
 def test_bool_label_tensor_equals_string_labels():
     x, axioms, labels = synthetic_run()
     mask = torch.tensor([label == "unsafe" for label in labels])
-    assert evaluate_activations(x, axioms, mask, n_bootstrap=10) == evaluate_activations(
+    assert geometry_aqi(x, axioms, mask, n_bootstrap=10) == geometry_aqi(
         x, axioms, labels, n_bootstrap=10
     )
 
@@ -381,13 +387,13 @@ def test_invalid_inputs_name_the_problem():
     x, axioms, labels = synthetic_run(n_per_cell=3)
     one_class = ["safe" if a == "mild" else label for a, label in zip(axioms, labels, strict=True)]
     with pytest.raises(ValueError, match="mild"):
-        evaluate_activations(x, axioms, one_class)
+        geometry_aqi(x, axioms, one_class)
     with pytest.raises(ValueError, match="Unsafe"):
-        evaluate_activations(x, axioms, [label.title() for label in labels])
+        geometry_aqi(x, axioms, [label.title() for label in labels])
     with pytest.raises(ValueError, match="reserved"):
-        evaluate_activations(x, [OVERALL] * len(axioms), labels)
+        geometry_aqi(x, [OVERALL] * len(axioms), labels)
     with pytest.raises(IndexError):
-        evaluate_activations(x, axioms, labels, layer=3)
+        geometry_aqi(x, axioms, labels, layer=3)
     with pytest.raises(ValueError, match="single layer"):
         evaluate_activations(x, axioms, labels, mode="reference", layer="all")
 
@@ -403,15 +409,23 @@ def test_evaluate_with_precomputed_activations_and_a_dataset():
         labels=tuple(labels),
         name="synthetic",
     )
-    report = evaluate(None, dataset, activations=x, layer=[1, -1], n_bootstrap=20, model_name="toy")
+    report = evaluate(
+        None,
+        dataset,
+        mode="geometry",
+        activations=x,
+        layer=[1, -1],
+        n_bootstrap=20,
+        model_name="toy",
+    )
     assert (report.model, report.dataset, report.mode, report.layers) == (
         "toy",
         "synthetic",
-        "principled",
+        "geometry",
         (1, 2),
     )
     assert report.axioms == dataset.categories
-    assert report == evaluate_activations(
+    assert report == geometry_aqi(
         x[:, 1:],
         axioms,
         labels,
@@ -426,7 +440,9 @@ def test_evaluate_with_precomputed_activations_and_a_dataset():
 def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monkeypatch):
     import sys
 
-    capture_module = sys.modules["mahals.activations"]  # the attribute mahals.capture is the function
+    capture_module = sys.modules[
+        "mahals.activations"
+    ]  # the attribute mahals.capture is the function
     x, axioms, labels = synthetic_run()
     dataset = SafetyDataset(tuple(map(str, range(len(axioms)))), tuple(axioms), tuple(labels))
     calls = []
@@ -438,14 +454,12 @@ def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monke
         return SimpleNamespace(tensor=tensor, layers=captured_layers, model="fake-model")
 
     monkeypatch.setattr(capture_module, "capture", fake_capture)
-    report = evaluate("MODEL", dataset, layer="all", n_bootstrap=0, batch_size=4)
+    report = evaluate("MODEL", dataset, mode="geometry", layer="all", n_bootstrap=0, batch_size=4)
     assert calls == [("MODEL", list(dataset.texts), "mean", None, 4)]
     assert (report.model, report.layers) == ("fake-model", (5, 7))
     assert (
         report["planted"].layer_aqi
-        == evaluate_activations(x[:, 1:], axioms, labels, layer="all", n_bootstrap=0)[
-            "planted"
-        ].layer_aqi
+        == geometry_aqi(x[:, 1:], axioms, labels, layer="all", n_bootstrap=0)["planted"].layer_aqi
     )
     with threadpool_limits(limits=1):
         reference = evaluate("MODEL", dataset, mode="reference")
@@ -455,11 +469,9 @@ def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monke
 
 def test_json_round_trip_is_lossless(tmp_path, reference_run):
     x, axioms, labels = synthetic_run()
-    principled = evaluate_activations(
-        x, axioms, labels, layer="all", n_bootstrap=30, model_name="m"
-    )
+    geometry = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=30, model_name="m")
     reference = reference_run[-1]
-    for report in (principled, reference):
+    for report in (geometry, reference):
         path = tmp_path / f"{report.mode}.json"
         report.to_json(path)
         assert AQIReport.from_json(path) == report
@@ -469,7 +481,7 @@ def test_json_round_trip_is_lossless(tmp_path, reference_run):
 
 def test_markdown_table_has_one_row_per_category(reference_run):
     x, axioms, labels = synthetic_run()
-    report = evaluate_activations(x, axioms, labels, n_bootstrap=20)
+    report = geometry_aqi(x, axioms, labels, n_bootstrap=20)
     lines = report.to_markdown().strip().splitlines()
     assert lines[0] == "| category | AQI | CI | CHI | XB | n_safe | n_unsafe |"
     assert [line.split("|")[1].strip() for line in lines[2:]] == [
@@ -489,7 +501,7 @@ def test_markdown_table_has_one_row_per_category(reference_run):
 
 def test_pandas_table_and_curve_plot(reference_run):
     x, axioms, labels = synthetic_run()
-    report = evaluate_activations(x, axioms, labels, layer="all", n_bootstrap=20, model_name="toy")
+    report = geometry_aqi(x, axioms, labels, layer="all", n_bootstrap=20, model_name="toy")
     frame = report.to_pandas()
     assert list(frame.index) == ["mild", "noise", "planted", OVERALL]
     assert frame.loc["planted", "aqi"] == report["planted"].aqi
