@@ -628,7 +628,12 @@ def _finish_map(
 
 
 class _RidgeSystem:
-    """``(XᵀX + αI)`` (primal) or ``(XXᵀ + αI)`` (dual, when rows < columns) for one ``X``."""
+    """Ridge on one centred ``X`` ``[n, d]``, in the primal or (when n < d) the dual form.
+
+    Primal: ``W = (XᵀX + αI)⁻¹ XᵀY``. Dual: ``W = Xᵀ (XXᵀ + αI)⁻¹ Y``. Either way a prediction
+    is ``features(X_new) @ solve(α, rhs)`` with ``features = X_new`` (primal) or
+    ``X_new Xᵀ`` (dual), so cross-validation never forms ``W`` in the dual form.
+    """
 
     def __init__(self, x: Tensor) -> None:
         self.x = x
@@ -638,8 +643,10 @@ class _RidgeSystem:
     def right_hand_side(self, y: Tensor) -> Tensor:
         return self.x.mT @ y if self.primal else y
 
-    def weights(self, alpha: float, rhs: Tensor) -> Tensor:
-        """``W`` (``[d, m]``) for the columns of ``y`` behind ``rhs``."""
+    def features(self, x_new: Tensor) -> Tensor:
+        return x_new if self.primal else x_new @ self.x.mT
+
+    def solve(self, alpha: float, rhs: Tensor) -> Tensor:
         regularised = self.gram.clone()
         regularised.diagonal().add_(alpha)
         factor, info = torch.linalg.cholesky_ex(regularised)
@@ -648,7 +655,11 @@ class _RidgeSystem:
                 f"ridge system with alpha={alpha:g} is not positive definite (Gram matrix "
                 f"{_shape(self.gram)}); use a larger alpha"
             )
-        solved = torch.cholesky_solve(rhs, factor)
+        return torch.cholesky_solve(rhs, factor)
+
+    def weights(self, alpha: float, rhs: Tensor) -> Tensor:
+        """``W`` ``[d, m]`` for the columns of ``Y`` behind ``rhs``."""
+        solved = self.solve(alpha, rhs)
         return solved if self.primal else self.x.mT @ solved
 
 
@@ -675,10 +686,10 @@ def _ridge_cv_errors(
         y_train, y_mean = _centred(y[train].reshape(-1, n_targets * width), fit_intercept)
         system = _RidgeSystem(x_train)
         rhs = system.right_hand_side(y_train)
-        x_fold = x[fold] - x_mean
+        features = system.features(x[fold] - x_mean)
         y_fold = y[fold].reshape(-1, n_targets * width) - y_mean
         for a, alpha in enumerate(alphas):
-            residual = y_fold - x_fold @ system.weights(alpha, rhs)
+            residual = y_fold - features @ system.solve(alpha, rhs)
             errors[:, a] += residual.square().reshape(-1, n_targets, width).sum((0, 2))
     return errors
 
@@ -751,6 +762,7 @@ def fit_ridge_maps(
     x_centred, x_mean = _centred(x_train, fit_intercept)
     scale = float(x_centred.square().sum()) / x_centred.shape[1]
     absolute = [float(a) * scale for a in alphas]
+    sketched = len(alphas) > 1 and cv_sketch is not None and d_target > cv_sketch
     if len(alphas) > 1:
         errors = _ridge_cv_errors(
             x_train,
@@ -782,9 +794,7 @@ def fit_ridge_maps(
             "alpha_relative": float(alphas[choice[t]]),
             "alphas_relative": [float(a) for a in alphas],
             "n_folds": n_folds if len(alphas) > 1 else None,
-            "cv_sketch": cv_sketch
-            if len(alphas) > 1 and d_target > (cv_sketch or d_target)
-            else None,
+            "cv_sketch": cv_sketch if sketched else None,
             "fit_intercept": fit_intercept,
             "test_fraction": test_fraction,
             "seed": seed,
@@ -906,11 +916,9 @@ def fit_procrustes(
     source_axes, source_std = _principal_axes(x_centred, rank, "source")
     target_axes, target_std = _principal_axes(y_centred, rank, "target")
     if normalize == "whiten":
-        source_axes, target_loadings = source_axes / source_std, target_axes * target_std
-        rotation = orthogonal_procrustes(
-            x_centred @ source_axes, y_centred @ (target_axes / target_std)
-        )
-        weight = source_axes @ rotation @ target_loadings.mT
+        source_basis, target_basis = source_axes / source_std, target_axes / target_std
+        rotation = orthogonal_procrustes(x_centred @ source_basis, y_centred @ target_basis)
+        weight = source_basis @ rotation @ (target_axes * target_std).mT
         scale = 1.0
     else:
         z_source, z_target = x_centred @ source_axes, y_centred @ target_axes
