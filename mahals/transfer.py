@@ -628,11 +628,12 @@ def _finish_map(
 
 
 class _RidgeSystem:
-    """Ridge on one centred ``X`` ``[n, d]``, in the primal or (when n < d) the dual form.
+    """Ridge on one centered ``X`` ``[n, d]``, in the primal or (when n < d) the dual form.
 
     Primal: ``W = (XᵀX + αI)⁻¹ XᵀY``. Dual: ``W = Xᵀ (XXᵀ + αI)⁻¹ Y``. Either way a prediction
     is ``features(X_new) @ solve(α, rhs)`` with ``features = X_new`` (primal) or
-    ``X_new Xᵀ`` (dual), so cross-validation never forms ``W`` in the dual form.
+    ``X_new Xᵀ`` (dual), so cross-validation never forms ``W``, and solves for the held-out rows
+    rather than for the targets' columns when there are fewer of them.
     """
 
     def __init__(self, x: Tensor) -> None:
@@ -657,13 +658,19 @@ class _RidgeSystem:
             )
         return torch.cholesky_solve(rhs, factor)
 
+    def predict(self, alpha: float, features: Tensor, rhs: Tensor) -> Tensor:
+        """``features @ solve(α, rhs)``, solving for whichever side has fewer columns."""
+        if features.shape[0] < rhs.shape[1]:  # the system matrix is symmetric
+            return self.solve(alpha, features.mT).mT @ rhs
+        return features @ self.solve(alpha, rhs)
+
     def weights(self, alpha: float, rhs: Tensor) -> Tensor:
         """``W`` ``[d, m]`` for the columns of ``Y`` behind ``rhs``."""
         solved = self.solve(alpha, rhs)
         return solved if self.primal else self.x.mT @ solved
 
 
-def _centred(x: Tensor, fit_intercept: bool) -> tuple[Tensor, Tensor]:
+def _centered(x: Tensor, fit_intercept: bool) -> tuple[Tensor, Tensor]:
     mean = x.mean(0) if fit_intercept else torch.zeros_like(x[0])
     return x - mean, mean
 
@@ -682,14 +689,14 @@ def _ridge_cv_errors(
     for fold in torch.tensor_split(torch.arange(n, device=x.device), n_folds):
         train = torch.ones(n, dtype=torch.bool, device=x.device)
         train[fold] = False
-        x_train, x_mean = _centred(x[train], fit_intercept)
-        y_train, y_mean = _centred(y[train].reshape(-1, n_targets * width), fit_intercept)
+        x_train, x_mean = _centered(x[train], fit_intercept)
+        y_train, y_mean = _centered(y[train].reshape(-1, n_targets * width), fit_intercept)
         system = _RidgeSystem(x_train)
         rhs = system.right_hand_side(y_train)
         features = system.features(x[fold] - x_mean)
         y_fold = y[fold].reshape(-1, n_targets * width) - y_mean
         for a, alpha in enumerate(alphas):
-            residual = y_fold - features @ system.solve(alpha, rhs)
+            residual = y_fold - system.predict(alpha, features, rhs)
             errors[:, a] += residual.square().reshape(-1, n_targets, width).sum((0, 2))
     return errors
 
@@ -720,8 +727,8 @@ def fit_ridge_maps(
     """Ridge maps from one source layer to several target layers, sharing the source's work.
 
     For each target, ``α`` is picked from ``alphas`` (multiples of the mean eigenvalue
-    ``‖X_c‖²_F / d_src`` of the centred training Gram matrix) by ``n_folds``-fold CV on the
-    training rows (contiguous folds in training order, like sklearn's ``KFold``; centred per
+    ``‖X_c‖²_F / d_src`` of the centered training Gram matrix) by ``n_folds``-fold CV on the
+    training rows (contiguous folds in training order, like sklearn's ``KFold``; centered per
     fold), minimising the summed squared error; then the map is refitted on all training rows.
     sklearn's ``Ridge(alpha=map.hyperparameters["alpha"])`` on those rows gives the same map.
 
@@ -759,8 +766,8 @@ def fit_ridge_maps(
     if len(alphas) > 1 and not 2 <= n_folds <= x_train.shape[0]:
         raise ValueError(f"n_folds={n_folds} needs 2 ≤ n_folds ≤ {x_train.shape[0]} training rows")
 
-    x_centred, x_mean = _centred(x_train, fit_intercept)
-    scale = float(x_centred.square().sum()) / x_centred.shape[1]
+    x_centered, x_mean = _centered(x_train, fit_intercept)
+    scale = float(x_centered.square().sum()) / x_centered.shape[1]
     absolute = [float(a) * scale for a in alphas]
     sketched = len(alphas) > 1 and cv_sketch is not None and d_target > cv_sketch
     if len(alphas) > 1:
@@ -775,9 +782,9 @@ def fit_ridge_maps(
     else:
         choice = [0] * n_targets
 
-    y_centred, y_mean = _centred(y_train.reshape(y_train.shape[0], -1), fit_intercept)
-    system = _RidgeSystem(x_centred)
-    rhs = system.right_hand_side(y_centred).reshape(-1, n_targets, d_target)
+    y_centered, y_mean = _centered(y_train.reshape(y_train.shape[0], -1), fit_intercept)
+    system = _RidgeSystem(x_centered)
+    rhs = system.right_hand_side(y_centered).reshape(-1, n_targets, d_target)
     weights: list[Tensor | None] = [None] * n_targets
     for a in sorted(set(choice)):
         chosen = [t for t in range(n_targets) if choice[t] == a]
@@ -852,23 +859,23 @@ def orthogonal_procrustes(a: Float[Tensor, "n k"], b: Float[Tensor, "n k"]) -> F
     return u @ vh
 
 
-def _principal_axes(centred: Tensor, rank: int, side: str) -> tuple[Tensor, Tensor]:
+def _principal_axes(centered: Tensor, rank: int, side: str) -> tuple[Tensor, Tensor]:
     """Top ``rank`` principal axes ``[d, rank]`` (unit columns) and standard deviations.
 
     Eigendecomposition of the smaller Gram matrix (``X Xᵀ`` when n < d, else ``Xᵀ X``).
     """
-    n, d = centred.shape
-    gram = centred @ centred.mT if n < d else centred.mT @ centred
+    n, d = centered.shape
+    gram = centered @ centered.mT if n < d else centered.mT @ centered
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     eigenvalues = eigenvalues.flip(-1)[:rank]
     eigenvectors = eigenvectors.flip(-1)[:, :rank]
     tolerance = max(n, d) * torch.finfo(torch.float64).eps * float(eigenvalues[0].clamp_min(0))
     if not float(eigenvalues[-1]) > tolerance:
         raise ValueError(
-            f"rank={rank} exceeds the numerical rank of the centred {side} training activations "
-            f"{_shape(centred)}; choose a smaller rank"
+            f"rank={rank} exceeds the numerical rank of the centered {side} training activations "
+            f"{_shape(centered)}; choose a smaller rank"
         )
-    axes = eigenvectors if n >= d else (centred.mT @ eigenvectors) / eigenvalues.sqrt()
+    axes = eigenvectors if n >= d else (centered.mT @ eigenvectors) / eigenvalues.sqrt()
     return axes, (eigenvalues / n).sqrt()
 
 
@@ -886,7 +893,7 @@ def fit_procrustes(
 ) -> ResidualMap:
     """Orthogonal Procrustes map between the two sides' top ``rank`` principal components.
 
-    Both sides are centred and projected on their top ``rank`` principal axes ``P_s``, ``P_t``
+    Both sides are centered and projected on their top ``rank`` principal axes ``P_s``, ``P_t``
     (training rows). With ``normalize="whiten"`` each component is scaled to unit variance
     (``Z = X_c P / σ``) and the map is ``W = (P_s / σ_s) R (P_t σ_t)ᵀ``, ``R`` the orthogonal
     Procrustes solution :func:`orthogonal_procrustes` ``(Z_s, Z_t)``: with whitening, any
@@ -911,17 +918,17 @@ def fit_procrustes(
         raise ValueError(
             f"rank must be in 1..min(d_src, d_tgt, n_train - 1)={max_rank}, got {rank}"
         )
-    x_centred, x_mean = _centred(split.source_train, True)
-    y_centred, y_mean = _centred(split.target_train, True)
-    source_axes, source_std = _principal_axes(x_centred, rank, "source")
-    target_axes, target_std = _principal_axes(y_centred, rank, "target")
+    x_centered, x_mean = _centered(split.source_train, True)
+    y_centered, y_mean = _centered(split.target_train, True)
+    source_axes, source_std = _principal_axes(x_centered, rank, "source")
+    target_axes, target_std = _principal_axes(y_centered, rank, "target")
     if normalize == "whiten":
         source_basis, target_basis = source_axes / source_std, target_axes / target_std
-        rotation = orthogonal_procrustes(x_centred @ source_basis, y_centred @ target_basis)
+        rotation = orthogonal_procrustes(x_centered @ source_basis, y_centered @ target_basis)
         weight = source_basis @ rotation @ (target_axes * target_std).mT
         scale = 1.0
     else:
-        z_source, z_target = x_centred @ source_axes, y_centred @ target_axes
+        z_source, z_target = x_centered @ source_axes, y_centered @ target_axes
         rotation = orthogonal_procrustes(z_source, z_target)
         singular_values = torch.linalg.svdvals(z_source.mT @ z_target)
         scale = float(singular_values.sum() / z_source.square().sum())
@@ -1000,12 +1007,12 @@ def fit_cca(
     if not 0.0 <= regularization < 1.0:
         raise ValueError(f"regularization must be in [0, 1), got {regularization}")
     split = _split(source, target, test_fraction, seed)
-    x_centred, x_mean = _centred(split.source_train, True)
-    y_centred, y_mean = _centred(split.target_train, True)
-    n_train = x_centred.shape[0]
-    cov_xx = x_centred.mT @ x_centred / n_train
-    cov_xy = x_centred.mT @ y_centred / n_train
-    cov_yy = y_centred.mT @ y_centred / n_train
+    x_centered, x_mean = _centered(split.source_train, True)
+    y_centered, y_mean = _centered(split.target_train, True)
+    n_train = x_centered.shape[0]
+    cov_xx = x_centered.mT @ x_centered / n_train
+    cov_xy = x_centered.mT @ y_centered / n_train
+    cov_yy = y_centered.mT @ y_centered / n_train
     whiten_x = _inverse_sqrt(_shrunk(cov_xx, regularization), "source")
     whiten_y = _inverse_sqrt(_shrunk(cov_yy, regularization), "target")
     u, correlations, _ = torch.linalg.svd(whiten_x @ cov_xy @ whiten_y, full_matrices=False)
@@ -1036,15 +1043,15 @@ def fit_cca(
 CKAForm = Literal["auto", "gram", "feature"]
 
 
-def _centred_float64(x: Tensor) -> Tensor:
+def _centered_float64(x: Tensor) -> Tensor:
     x = x.to(torch.float64)
     return x - x.mean(0)
 
 
 def _normalised_gram(x: Tensor, side: str) -> Tensor:
     """``K / ‖K‖_F`` for ``K = X_c X_cᵀ``, flattened to ``[n²]``."""
-    centred = _centred_float64(x)
-    gram = centred @ centred.mT
+    centered = _centered_float64(x)
+    gram = centered @ centered.mT
     norm = torch.linalg.matrix_norm(gram)
     if not float(norm) > 0:
         raise ValueError(f"{side} activations {_shape(x)} have zero variance: CKA is undefined")
@@ -1062,7 +1069,7 @@ def linear_cka(
 ) -> float:
     """Linear CKA (Kornblith et al. 2019) of two representations of the same ``n`` inputs.
 
-    ``‖X_cᵀ Y_c‖²_F / (‖X_cᵀ X_c‖_F ‖Y_cᵀ Y_c‖_F)`` with column-centred ``X_c``, ``Y_c``
+    ``‖X_cᵀ Y_c‖²_F / (‖X_cᵀ X_c‖_F ‖Y_cᵀ Y_c‖_F)`` with column-centered ``X_c``, ``Y_c``
     (the feature form), or equivalently ``⟨K_x, K_y⟩_F / (‖K_x‖_F ‖K_y‖_F)`` with
     ``K = X_c X_cᵀ`` (the Gram form, cheaper when ``n`` is below the widths). In float64, in
     ``[0, 1]``; invariant to rotations and isotropic scaling of either side.
@@ -1111,17 +1118,17 @@ def cka_matrix(
         for s in range(n_source):
             result[s] = targets @ _normalised_gram(source_acts[:, s], "source")
     elif form == "feature":
-        centred_targets = torch.stack(
-            [_centred_float64(target_acts[:, t]) for t in range(n_target)], dim=1
+        centered_targets = torch.stack(
+            [_centered_float64(target_acts[:, t]) for t in range(n_target)], dim=1
         )
         target_norms = torch.linalg.matrix_norm(
-            torch.einsum("ntd,nte->tde", centred_targets, centred_targets)
+            torch.einsum("ntd,nte->tde", centered_targets, centered_targets)
         )
-        flat_targets = centred_targets.reshape(n, n_target * d_target)
+        flat_targets = centered_targets.reshape(n, n_target * d_target)
         for s in range(n_source):
-            centred = _centred_float64(source_acts[:, s])
-            cross = (centred.mT @ flat_targets).reshape(d_source, n_target, d_target)
-            source_norm = torch.linalg.matrix_norm(centred.mT @ centred)
+            centered = _centered_float64(source_acts[:, s])
+            cross = (centered.mT @ flat_targets).reshape(d_source, n_target, d_target)
+            source_norm = torch.linalg.matrix_norm(centered.mT @ centered)
             result[s] = cross.square().sum((0, 2)) / (source_norm * target_norms)
     else:
         raise ValueError(f"form must be auto, gram or feature, got {form!r}")

@@ -136,9 +136,9 @@ def test_ridge_equals_sklearn(n, fit_intercept):
         rtol=1e-7,
         atol=1e-9,
     )
-    centred = x - x.mean(0) if fit_intercept else x
+    centered = x - x.mean(0) if fit_intercept else x
     assert residual_map.hyperparameters["alpha"] == pytest.approx(
-        0.05 * float(centred.square().sum()) / x.shape[1]
+        0.05 * float(centered.square().sum()) / x.shape[1]
     )
 
 
@@ -170,9 +170,9 @@ def test_orthogonal_procrustes_equals_scipy():
     )
 
 
-def _numpy_pca(centred: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    _, singular_values, vh = np.linalg.svd(centred, full_matrices=False)
-    return vh[:rank].T, singular_values[:rank] / np.sqrt(centred.shape[0])
+def _numpy_pca(centered: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    _, singular_values, vh = np.linalg.svd(centered, full_matrices=False)
+    return vh[:rank].T, singular_values[:rank] / np.sqrt(centered.shape[0])
 
 
 @pytest.mark.parametrize("normalize", ["whiten", "pca"])
@@ -231,7 +231,7 @@ def test_cca_canonical_correlations_equal_bjorck_golub():
 
 
 def _numpy_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """HSIC form with the centring matrix H: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H))."""
+    """HSIC form with the centering matrix H: tr(K H L H) / sqrt(tr(K H K H) tr(L H L H))."""
     n = x.shape[0]
     h = np.eye(n) - np.ones((n, n)) / n
     k, l_ = x @ x.T, y @ y.T
