@@ -1043,14 +1043,20 @@ def fit_cca(
 CKAForm = Literal["auto", "gram", "feature"]
 
 
-def _centered_float64(x: Tensor) -> Tensor:
+def _centered_float64(x: Tensor, standardize: bool) -> Tensor:
+    """Column-centered float64 copy; with ``standardize``, columns scaled to unit variance
+    (constant columns stay zero)."""
     x = x.to(torch.float64)
-    return x - x.mean(0)
+    x = x - x.mean(0)
+    if standardize:
+        std = x.square().mean(0).sqrt()
+        x = x / torch.where(std > 0, std, 1.0)
+    return x
 
 
-def _normalised_gram(x: Tensor, side: str) -> Tensor:
+def _normalised_gram(x: Tensor, side: str, standardize: bool) -> Tensor:
     """``K / ‖K‖_F`` for ``K = X_c X_cᵀ``, flattened to ``[n²]``."""
-    centered = _centered_float64(x)
+    centered = _centered_float64(x, standardize)
     gram = centered @ centered.mT
     norm = torch.linalg.matrix_norm(gram)
     if not float(norm) > 0:
@@ -1065,7 +1071,11 @@ def _gram_is_cheaper(n: int, d_source: int, d_target: int) -> bool:
 
 
 def linear_cka(
-    x: Float[Tensor, "n_x d_x"], y: Float[Tensor, "n_y d_y"], *, form: CKAForm = "auto"
+    x: Float[Tensor, "n_x d_x"],
+    y: Float[Tensor, "n_y d_y"],
+    *,
+    standardize: bool = False,
+    form: CKAForm = "auto",
 ) -> float:
     """Linear CKA (Kornblith et al. 2019) of two representations of the same ``n`` inputs.
 
@@ -1073,19 +1083,24 @@ def linear_cka(
     (the feature form), or equivalently ``⟨K_x, K_y⟩_F / (‖K_x‖_F ‖K_y‖_F)`` with
     ``K = X_c X_cᵀ`` (the Gram form, cheaper when ``n`` is below the widths). In float64, in
     ``[0, 1]``; invariant to rotations and isotropic scaling of either side.
+
+    Linear CKA weighs directions by their variance, so a few outlier ("massive activation")
+    dimensions can dominate it; ``standardize=True`` scales every feature to unit variance
+    first (then it is no longer rotation-invariant).
     """
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"CKA needs x [n, d_x] and y [n, d_y] with the same n; got x "
             f"{_shape(x)} and y {_shape(y)}"
         )
-    return float(cka_matrix(x[:, None], y[:, None], form=form)[0, 0])
+    return float(cka_matrix(x[:, None], y[:, None], standardize=standardize, form=form)[0, 0])
 
 
 def cka_matrix(
     source_acts: Float[Tensor, "n_src source_layer d_src"],
     target_acts: Float[Tensor, "n_tgt target_layer d_tgt"],
     *,
+    standardize: bool = False,
     form: CKAForm = "auto",
 ) -> Float[Tensor, "source_layer target_layer"]:
     """Linear CKA between every source layer and every target layer, ``[Ls, Lt]`` float64.
@@ -1094,6 +1109,7 @@ def cka_matrix(
     makes one source Gram matrix at a time; the feature form computes ``X_cᵀ Y_c`` per source
     layer against all target layers at once (``d_src × Lt·d_tgt``). ``"auto"`` picks the one
     with fewer flops. Runs on ``source_acts``' device; layers are cast to float64 one at a time.
+    ``standardize`` as in :func:`linear_cka`.
     """
     if (
         source_acts.ndim != 3
@@ -1113,20 +1129,20 @@ def cka_matrix(
     result = torch.empty(n_source, n_target, dtype=torch.float64, device=device)
     if form == "gram":
         targets = torch.stack(
-            [_normalised_gram(target_acts[:, t], "target") for t in range(n_target)]
+            [_normalised_gram(target_acts[:, t], "target", standardize) for t in range(n_target)]
         )
         for s in range(n_source):
-            result[s] = targets @ _normalised_gram(source_acts[:, s], "source")
+            result[s] = targets @ _normalised_gram(source_acts[:, s], "source", standardize)
     elif form == "feature":
         centered_targets = torch.stack(
-            [_centered_float64(target_acts[:, t]) for t in range(n_target)], dim=1
+            [_centered_float64(target_acts[:, t], standardize) for t in range(n_target)], dim=1
         )
         target_norms = torch.linalg.matrix_norm(
             torch.einsum("ntd,nte->tde", centered_targets, centered_targets)
         )
         flat_targets = centered_targets.reshape(n, n_target * d_target)
         for s in range(n_source):
-            centered = _centered_float64(source_acts[:, s])
+            centered = _centered_float64(source_acts[:, s], standardize)
             cross = (centered.mT @ flat_targets).reshape(d_source, n_target, d_target)
             source_norm = torch.linalg.matrix_norm(centered.mT @ centered)
             result[s] = cross.square().sum((0, 2)) / (source_norm * target_norms)

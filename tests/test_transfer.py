@@ -239,28 +239,33 @@ def _numpy_cka(x: np.ndarray, y: np.ndarray) -> float:
     return hsic(k, l_) / np.sqrt(hsic(k, k) * hsic(l_, l_))
 
 
+@pytest.mark.parametrize("standardize", [False, True])
 @pytest.mark.parametrize("form", ["auto", "gram", "feature"])
-def test_cka_equals_numpy_float64(form):
+def test_cka_equals_numpy_float64(form, standardize):
     generator = torch.Generator().manual_seed(9)
     source = torch.randn(60, 3, 20, generator=generator)
     target = torch.randn(60, 4, 28, generator=generator)
     target[:, 1] = source[:, 2] @ torch.randn(20, 28, generator=generator)  # one related pair
-    matrix = cka_matrix(source, target, form=form)
+    target[:, :, 0] *= 50.0  # an outlier dimension, which standardising discounts
+
+    def reference(x: torch.Tensor) -> np.ndarray:
+        x = x.double().numpy()
+        return (x - x.mean(0)) / x.std(0) if standardize else x
+
+    matrix = cka_matrix(source, target, standardize=standardize, form=form)
     assert matrix.shape == (3, 4) and matrix.dtype == torch.float64
     expected = np.array(
         [
-            [
-                _numpy_cka(source[:, s].double().numpy(), target[:, t].double().numpy())
-                for t in range(4)
-            ]
+            [_numpy_cka(reference(source[:, s]), reference(target[:, t])) for t in range(4)]
             for s in range(3)
         ]
     )
     np.testing.assert_allclose(matrix.numpy(), expected, rtol=1e-10)
-    assert linear_cka(source[:, 2], target[:, 1], form=form) == pytest.approx(
-        expected[2, 1], rel=1e-10
-    )
-    assert expected[2, 1] > 0.5 > expected[0, 0]
+    single = linear_cka(source[:, 2], target[:, 1], standardize=standardize, form=form)
+    assert single == pytest.approx(expected[2, 1], rel=1e-10)
+    # The outlier dimension hides the related pair from plain CKA, not from standardised CKA.
+    plain = cka_matrix(source, target, form=form)
+    assert float(cka_matrix(source, target, standardize=True, form=form)[2, 1]) > 0.5 > plain[2, 1]
 
 
 # ------------------------------------------------------------------------------ matching
