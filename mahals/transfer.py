@@ -1064,10 +1064,17 @@ def _normalised_gram(x: Tensor, side: str, standardize: bool) -> Tensor:
     return (gram / norm).reshape(-1)
 
 
-def _gram_is_cheaper(n: int, d_source: int, d_target: int) -> bool:
-    """Flop count of the Gram form (``n²(d_x + d_y)``) vs the feature form (``n d_x d_y + …``)."""
-    feature = n * (d_source * d_target + d_source**2 + d_target**2)
-    return n * n * (d_source + d_target + 1) < feature
+def _gram_is_cheaper(n: int, n_source: int, d_source: int, n_target: int, d_target: int) -> bool:
+    """Whether the Gram form needs fewer flops for all ``n_source × n_target`` pairs.
+
+    Gram: one ``n × n`` matrix per layer plus an ``n²`` inner product per pair. Feature:
+    ``X_cᵀ Y_c`` per pair plus each layer's own ``X_cᵀ X_c``.
+    """
+    gram = n * n * (n_source * d_source + n_target * d_target + n_source * n_target)
+    feature = n * (
+        n_source * n_target * d_source * d_target + n_source * d_source**2 + n_target * d_target**2
+    )
+    return gram < feature
 
 
 def linear_cka(
@@ -1125,7 +1132,7 @@ def cka_matrix(
     device = source_acts.device
     target_acts = target_acts.to(device)
     if form == "auto":
-        form = "gram" if _gram_is_cheaper(n, d_source, d_target) else "feature"
+        form = "gram" if _gram_is_cheaper(n, n_source, d_source, n_target, d_target) else "feature"
     result = torch.empty(n_source, n_target, dtype=torch.float64, device=device)
     if form == "gram":
         targets = torch.stack(
