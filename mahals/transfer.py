@@ -305,7 +305,7 @@ class ResidualMap:
         return cls(weight=weight, bias=bias, **fields)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (safetensors: ``weight``, ``bias``) and the ``.json`` sidecar.
+        """Write ``path`` (safetensors: ``weight.0``, ``bias.0``) and the ``.json`` sidecar.
 
         Atomic, tensor file first; dtypes are kept, so :meth:`load` returns identical bits.
         """

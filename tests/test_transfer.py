@@ -8,6 +8,7 @@ import pytest
 import scipy.linalg
 import torch
 from sklearn.linear_model import LinearRegression, Ridge
+from sklearn.metrics import r2_score
 from sklearn.model_selection import GridSearchCV, KFold
 
 from mahals.activations import capture
@@ -25,6 +26,7 @@ with jaxtyping.install_import_hook("mahals.transfer", "beartype.beartype"):
         cka_matrix,
         fit_cca,
         fit_procrustes,
+        fit_quality,
         fit_ridge,
         holdout_split,
         homophily,
@@ -120,6 +122,33 @@ def test_procrustes_pca_mode_recovers_a_scaled_rotation_but_not_a_general_map():
 
 
 # ------------------------------------------------------------------- independent references
+
+
+def test_fit_quality_equals_sklearn_r2_and_numpy_cosines():
+    generator = np.random.default_rng(12)
+    true = generator.normal(size=(40, 6)) + 5.0
+    predicted = true + generator.normal(scale=0.5, size=(40, 6))
+    train_mean = generator.normal(size=6) + 5.0
+    quality = fit_quality(
+        torch.from_numpy(predicted),
+        torch.from_numpy(true),
+        train_mean=torch.from_numpy(train_mean),
+        n_train=160,
+    )
+
+    def mean_cosine(a, b):
+        return np.mean(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+    assert quality.r2 == pytest.approx(
+        r2_score(true, predicted, multioutput="variance_weighted"), rel=1e-12
+    )
+    assert quality.mean_cosine == pytest.approx(mean_cosine(predicted, true), rel=1e-12)
+    centered = mean_cosine(predicted - train_mean, true - train_mean)
+    assert quality.mean_centered_cosine == pytest.approx(centered, rel=1e-12)
+    assert (
+        quality.mean_centered_cosine < quality.mean_cosine
+    )  # the shared offset inflates the raw one
+    assert (quality.n_train, quality.n_test) == (160, 40)
 
 
 @pytest.mark.parametrize("fit_intercept", [True, False])
