@@ -343,6 +343,10 @@ class LayerMapping:
         shapes = {_shape(m.weight) for m in maps}
         if len(shapes) != 1:
             raise ValueError(f"maps of one LayerMapping must share a weight shape, got {shapes}")
+        for side in ("source_model", "target_model"):
+            names = {getattr(m, side) for m in maps}
+            if len(names) != 1:
+                raise ValueError(f"maps of one LayerMapping must share a {side}, got {names}")
 
     @property
     def pairs(self) -> tuple[LayerPair, ...]:
@@ -364,8 +368,8 @@ class LayerMapping:
         (linear part only: a steering vector is a translation), on target layer
         ``maps[i].target_layer``. Computed in float64, returned in ``vector``'s dtype and device.
         Provenance fields come from ``vector``; ``kind`` is ``"projected(<kind>)"`` and
-        ``extra["transfer"]`` records the maps (source/target models and layers, method,
-        held-out R²).
+        ``extra["transfer"]`` records the maps (source and target model, and per map the source
+        layer, method and held-out R²).
 
         Raises:
             ValueError: ``vector``'s ``d_model`` is not the maps' ``d_src`` (both shapes named),
@@ -392,9 +396,10 @@ class LayerMapping:
             "source_model": first.source_model,
             "target_model": first.target_model,
             "source_layers": [m.source_layer for m in self.maps],
-            "method": first.method,
+            "methods": [m.method for m in self.maps],
             "held_out_r2": [None if m.quality is None else m.quality.r2 for m in self.maps],
         }
+        methods = "/".join(dict.fromkeys(m.method for m in self.maps))
         return SteeringVector(
             vectors=torch.stack(rows).to(device=vector.vectors.device, dtype=vector.vectors.dtype),
             layers=tuple(m.target_layer for m in self.maps),
@@ -406,7 +411,7 @@ class LayerMapping:
             kind=f"projected({vector.kind})",
             description=(
                 f"{vector.kind} of {first.source_model or 'the source model'} projected onto "
-                f"{first.target_model or 'the target model'} by {first.method} residual maps"
+                f"{first.target_model or 'the target model'} by {methods} residual maps"
             ),
             extra={**vector.extra, "transfer": transfer},
         )

@@ -1,6 +1,7 @@
 """Residual maps, CKA, layer matching and homophily, against sklearn / scipy / numpy float64."""
 
 import math
+from dataclasses import replace
 
 import jaxtyping
 import numpy as np
@@ -399,6 +400,7 @@ def test_layer_mapping_projects_a_steering_vector(method):
     assert projected.extra["note"] == 1
     assert projected.extra["transfer"]["source_layers"] == [22, 21]
     assert projected.extra["transfer"]["target_model"] == "tgt"
+    assert projected.extra["transfer"]["methods"] == [method, method]
     single = mapping.maps[0].project(vector)
     assert single.layers == (100,) and torch.equal(single.vectors[0], projected.vectors[0])
 
@@ -453,6 +455,8 @@ def test_shape_mismatches_name_both_shapes():
             method="ridge",
         )
         LayerMapping(maps=(residual_map, other))
+    with pytest.raises(ValueError, match="share a target_model"):
+        LayerMapping(maps=(residual_map, replace(residual_map, target_layer=1, target_model="x")))
 
 
 # ------------------------------------------------------------------------------- homophily
