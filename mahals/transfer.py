@@ -888,7 +888,7 @@ def fit_procrustes(
     source: Float[Tensor, "n_src d_src"],
     target: Float[Tensor, "n_tgt d_tgt"],
     *,
-    rank: int | None = None,
+    rank: int,
     normalize: Normalization = "whiten",
     source_layer: int = 0,
     target_layer: int = 0,
@@ -908,7 +908,10 @@ def fit_procrustes(
     ``W = c P_s R P_tᵀ``. ``bias = ȳ − x̄ W``.
 
     Args:
-        rank: the common rank ``k``; default ``min(d_src, d_tgt, n_train − 1)``.
+        rank: the common rank ``k``, at most ``min(d_src, d_tgt, n_train − 1)`` and the numerical
+            rank of both sides. No default: whitening near-null directions amplifies noise, and
+            real residual streams have a huge spread of variances (outlier dimensions), so
+            ``k`` is a modelling choice (``docs/transfer.md`` has a sweep on real models).
         normalize: ``"whiten"`` or ``"pca"``.
         test_fraction, seed, source_layer, target_layer, **provenance: as :func:`fit_ridge_maps`.
     """
@@ -918,7 +921,6 @@ def fit_procrustes(
     split = _split(source, target, test_fraction, seed)
     n_train = split.source_train.shape[0]
     max_rank = min(source.shape[1], target.shape[1], n_train - 1)
-    rank = max_rank if rank is None else rank
     if not 1 <= rank <= max_rank:
         raise ValueError(
             f"rank must be in 1..min(d_src, d_tgt, n_train - 1)={max_rank}, got {rank}"
