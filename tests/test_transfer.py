@@ -29,6 +29,7 @@ with jaxtyping.install_import_hook("mahals.transfer", "beartype.beartype"):
         fit_procrustes,
         fit_quality,
         fit_ridge,
+        fit_ridge_maps,
         holdout_split,
         homophily,
         homophily_plot,
@@ -191,6 +192,42 @@ def test_ridge_cross_validation_picks_sklearns_alpha():
     ).fit(x.numpy(), y.numpy())
     assert residual_map.hyperparameters["alpha"] == pytest.approx(search.best_params_["alpha"])
     assert residual_map.hyperparameters["alpha_relative"] not in (grid[0], grid[-1])  # interior
+
+
+def test_ridge_maps_for_many_targets_equal_one_fit_per_target():
+    """Sharing the source's factorisation (grouped by chosen α) changes nothing."""
+    generator = torch.Generator().manual_seed(13)
+    x = _correlated_source(150, 30, generator)
+    noise_levels = (0.01, 3.0, 30.0)  # different optimal α per target
+    targets = torch.stack(
+        [
+            x @ torch.randn(30, 20, generator=generator, dtype=torch.float64)
+            + level * torch.randn(150, 20, generator=generator, dtype=torch.float64)
+            for level in noise_levels
+        ],
+        dim=1,
+    )
+    maps = fit_ridge_maps(x, targets, source_layer=4, target_layers=(7, 8, 9), cv_sketch=8)
+    assert len({m.hyperparameters["alpha"] for m in maps}) > 1
+    for t, together in enumerate(maps):
+        alone = fit_ridge(x, targets[:, t], source_layer=4, target_layer=7 + t, cv_sketch=8)
+        assert (together.source_layer, together.target_layer) == (4, 7 + t)
+        assert together.hyperparameters == alone.hyperparameters
+        torch.testing.assert_close(together.weight, alone.weight, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(together.bias, alone.bias, rtol=1e-10, atol=1e-12)
+        assert vars(together.quality) == pytest.approx(vars(alone.quality), rel=1e-10)
+
+
+def test_holdout_split_is_a_seeded_partition():
+    train, test = holdout_split(50, 0.2, seed=3)
+    assert len(test) == 10 and len(train) == 40
+    assert sorted(torch.cat([train, test]).tolist()) == list(range(50))
+    again, _ = holdout_split(50, 0.2, seed=3)
+    other, _ = holdout_split(50, 0.2, seed=4)
+    assert torch.equal(train, again) and not torch.equal(train, other)
+    assert len(holdout_split(50, 0.0)[1]) == 0
+    with pytest.raises(ValueError, match="both need at least 2"):
+        holdout_split(5, 0.1)
 
 
 def test_orthogonal_procrustes_equals_scipy():
