@@ -80,6 +80,7 @@ __all__ = [
     "select_training_rows",
     "train_dpo",
     "add_arguments",
+    "main",
     "run_from_args",
 ]
 
@@ -286,7 +287,7 @@ def select_training_rows(
             skipped += 1
     raise ValueError(
         f"split {split!r} has only {len(chosen_rows)} rows of at most {max_length} tokens "
-        f"({skipped} longer ones skipped); the recipe asks for {rows}"
+        f"({skipped} longer ones skipped); asked for {rows}"
     )
 
 
@@ -922,3 +923,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.json:
         atomic_write_json(args.json, result.to_json())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mahals.pairs dpo|evaluate …``: the same as ``mahals pair …``."""
+    parser = argparse.ArgumentParser(prog="mahals pair", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,7 +40,6 @@ def resolve_resource(location: str | os.PathLike) -> str | Path:
     return Path(str(resources.files("mahals").joinpath(text[len(PACKAGE_PREFIX) :])))
 
 
-
 class RegistryError(KeyError):
     """An unknown or ambiguous registry key, or a malformed registry file."""
 

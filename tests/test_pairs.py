@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, build_tiny
 
 from mahals.data import format_conversation, load_hh_rlhf
 from mahals.data.splits import row_hash, rows_sha256, split_rows
@@ -30,6 +29,8 @@ from mahals.pairs import (
     train_dpo,
 )
 from mahals.registry import load_registry, resolve_resource
+
+from conftest import SHARED_DATA, build_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 HARMLESS_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
