@@ -59,7 +59,7 @@ from mahals.data.splits import (
     split_rows,
 )
 from mahals.io import atomic_write_bytes, atomic_write_json, save_tensors
-from mahals.registry import resolve_resource
+from mahals.registry import ModelPair, resolve_resource
 
 __all__ = [
     "ADAPTER_FILE",
@@ -75,6 +75,7 @@ __all__ = [
     "evaluate_pair",
     "load_recipe",
     "merge_lora",
+    "pair_row_splits",
     "preference_margins",
     "preference_token_ids",
     "select_training_rows",
@@ -836,6 +837,18 @@ def evaluate_pair(
         kl=bootstrap_interval(kl, seed=seed),
         rows_sha256=rows_sha256(rows),
     )
+
+
+def pair_row_splits(pair: ModelPair) -> RowSplits | None:
+    """The row splits a registry pair records (``row_splits``), or None when it records none.
+
+    Pipelines evaluating such a pair read ``splits.select(dataset, "evaluation")`` and check
+    their rows with ``assert_disjoint(rows, splits.all_except("evaluation"), what=…)``; vector
+    extraction reads the ``vector_extraction`` split.
+    """
+    if pair.row_splits is None:
+        return None
+    return load_row_splits(resolve_resource(pair.row_splits))
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mahals.data import format_conversation, load_hh_rlhf
-from mahals.data.splits import row_hash, rows_sha256, split_rows
+from mahals.data.splits import RowOverlapError, row_hash, rows_sha256, split_rows
 from mahals.pairs import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -192,6 +192,35 @@ def test_bootstrap_interval_against_the_normal_approximation():
     assert mean == pytest.approx(values.mean())
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
     assert low < mean < high
+
+
+@needs_data
+def test_evaluate_pair_statistics_kl_and_row_refusal(short_rows, tiny_tokenizer, tmp_path):
+    base = build_tiny("llama", tiny_tokenizer).hf
+    tuned = merge_lora(copy.deepcopy(base), random_peft_adapter(base, tmp_path / "a"))
+    rows = short_rows[:6]
+    result = evaluate_pair(base, tuned, tiny_tokenizer, rows, batch_size=4)
+    base_margins = preference_margins(base, tiny_tokenizer, rows).numpy()
+    tuned_margins = preference_margins(tuned, tiny_tokenizer, rows).numpy()
+    assert result.base_accuracy[0] == pytest.approx(np.mean(base_margins > 0))
+    assert result.tuned_margin[0] == pytest.approx(tuned_margins.mean(), rel=1e-5)
+    assert result.margin_gain[0] == pytest.approx((tuned_margins - base_margins).mean(), rel=1e-5)
+    # KL against torch's kl_div on each unpadded chosen answer.
+    expected = []
+    for pair in rows:
+        tokens = preference_token_ids(pair, tiny_tokenizer)
+        ids = torch.tensor([tokens.prompt + tokens.chosen])
+        span = slice(len(tokens.prompt) - 1, ids.shape[1] - 1)
+        with torch.no_grad():
+            log_base = base(ids).logits[0, span].double().log_softmax(-1)
+            log_tuned = tuned(ids).logits[0, span].double().log_softmax(-1)
+        kl = torch.nn.functional.kl_div(log_base, log_tuned, log_target=True, reduction="none")
+        expected.append(kl.sum(-1).mean().item())
+    assert result.kl[0] == pytest.approx(np.mean(expected), rel=1e-4)
+    same = evaluate_pair(base, base, tiny_tokenizer, rows[:2])
+    assert same.kl[0] == pytest.approx(0, abs=1e-6) and same.margin_gain[0] == 0
+    with pytest.raises(RowOverlapError, match="1 of 6 rows"):
+        evaluate_pair(base, tuned, tiny_tokenizer, rows, forbidden_hashes={row_hash(rows[3])})
 
 
 # ---------------------------------------------------------------------------- tiny DPO run
