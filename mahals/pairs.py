@@ -37,7 +37,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -142,7 +142,7 @@ class DPORecipe:
     lora: LoraSettings
     beta: float
     learning_rate: float
-    epochs: float
+    epochs: int
     batch_size: int
     seed: int
     split_seed: int = 0
@@ -203,10 +203,19 @@ class DPORecipe:
             )
         try:
             lora["target_modules"] = tuple(lora["target_modules"])
-            settings = LoraSettings(**lora)
+            settings = LoraSettings(**_ints_as_floats(LoraSettings, lora))
         except (KeyError, TypeError) as err:
             raise ValueError(f"{origin}: lora: {err}") from err
-        return cls(**{**data, "lora": settings})
+        return cls(**{**_ints_as_floats(cls, data), "lora": settings})
+
+
+def _ints_as_floats(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON writes 32 for 32.0: integers given for float fields become floats."""
+    floats = {f.name for f in dataclasses.fields(cls) if f.type == "float"}
+    return {
+        key: float(value) if key in floats and type(value) is int else value
+        for key, value in data.items()
+    }
 
 
 def load_recipe(path: str | os.PathLike) -> DPORecipe:
@@ -655,9 +664,10 @@ def _jsonable(value: Any) -> Any:
 
 def _completion_log_softmax(
     model: torch.nn.Module, tokenizer: Any, sequences: Sequence[tuple[list[int], list[int]]]
-) -> list[Float[Tensor, "completion vocab"]]:
+) -> list[Tensor]:
     """For each (prompt ids, completion ids): the float32 log-softmax over the vocabulary at the
-    positions that predict the completion's tokens, from one batched forward pass.
+    positions that predict the completion's tokens (``[len(completion), vocab]``), from one
+    batched forward pass.
 
     Sequences are left-padded with explicit position ids, so that only the last positions'
     logits are computed (``logits_to_keep``).
@@ -805,7 +815,7 @@ def evaluate_pair(
     tokenizer: Any,
     rows: Sequence[PreferencePair],
     *,
-    forbidden_hashes: Sequence[str] | frozenset[str] = frozenset(),
+    forbidden_hashes: Iterable[str] = frozenset(),
     batch_size: int = 4,
     seed: int = 0,
 ) -> PairEvaluation:

@@ -65,7 +65,7 @@ def tiny_recipe(**changes) -> DPORecipe:
         data=str(HARMLESS_TEST),
         rows=8,
         max_length=160,
-        lora=LoraSettings(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj")),
+        lora=LoraSettings(r=4, alpha=8.0, target_modules=("q_proj", "v_proj", "o_proj")),
         beta=0.1,
         learning_rate=2e-2,
         epochs=4,
