@@ -23,6 +23,7 @@ from mahals.pairs import (
     evaluate_pair,
     load_recipe,
     merge_lora,
+    pair_row_splits,
     preference_margins,
     preference_token_ids,
     select_training_rows,
@@ -91,6 +92,15 @@ def test_shipped_recipe_parses_and_bad_keys_are_named(tmp_path):
         load_recipe(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="adapter_dtype 'int8'"):
         tiny_recipe(adapter_dtype="int8")
+
+
+@needs_data
+def test_shipped_row_splits_reproduce_from_the_data(harmless):
+    recipe = load_recipe(DEMO_RECIPE)
+    shipped = pair_row_splits(load_registry().pair("SmolLM2_DPO_demo"))
+    again = split_rows(harmless, recipe.split_fractions, seed=recipe.split_seed)
+    assert shipped is not None and shipped.hashes == again.hashes
+    assert load_registry().pair("SmolLM2_format_demo").row_splits is None
 
 
 def test_registry_pair_names_the_adapter_and_its_row_splits():
