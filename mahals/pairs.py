@@ -73,12 +73,13 @@ __all__ = [
     "bootstrap_interval",
     "completion_kl",
     "evaluate_pair",
+    "evaluation_rows",
     "load_recipe",
     "merge_lora",
     "pair_row_splits",
     "preference_margins",
     "preference_token_ids",
-    "select_training_rows",
+    "select_rows",
     "train_dpo",
     "add_arguments",
     "main",
@@ -273,14 +274,14 @@ def preference_token_ids(pair: PreferencePair, tokenizer: Any) -> PreferenceToke
     )
 
 
-def select_training_rows(
+def select_rows(
     splits: RowSplits,
     dataset: Sequence[PreferencePair],
     tokenizer: Any,
     *,
+    split: str,
     rows: int,
     max_length: int,
-    split: str = "dpo_train",
 ) -> tuple[list[PreferencePair], int]:
     """The first ``rows`` rows of ``split`` (in the split's seeded order) that fit in
     ``max_length`` tokens, and how many rows were skipped as too long on the way.
@@ -522,9 +523,10 @@ def train_dpo(
         seed=recipe.split_seed,
         source=f"{recipe.data} ({dataset.drops.summary()})",
     )
-    rows, skipped = select_training_rows(
-        splits, dataset.pairs, tokenizer, rows=recipe.rows, max_length=recipe.max_length
-    )
+    rows, skipped = select_rows(
+        splits, dataset.pairs, tokenizer, split="dpo_train", rows=recipe.rows,
+        max_length=recipe.max_length,
+    )  # fmt: skip
     assert_disjoint(rows, splits.all_except("dpo_train"), what="DPO training rows")
     training_sha = rows_sha256(rows)
     logger.info("%d training rows (%d longer than %d tokens skipped), sha256 %s",
@@ -897,7 +899,7 @@ def evaluation_rows(
     recipe = load_recipe(folder / RECIPE_FILE)
     splits = load_row_splits(folder / ROW_SPLITS_FILE)
     dataset = load_hh_rlhf(_find_data(recipe.data, data_root), verbose=False)
-    selected, _ = select_training_rows(
+    selected, _ = select_rows(
         splits, dataset.pairs, tokenizer, rows=rows, max_length=max_length or recipe.max_length,
         split="evaluation",
     )  # fmt: skip

@@ -26,7 +26,7 @@ from mahals.pairs import (
     pair_row_splits,
     preference_margins,
     preference_token_ids,
-    select_training_rows,
+    select_rows,
     train_dpo,
 )
 from mahals.registry import load_registry, resolve_resource
@@ -226,7 +226,7 @@ def test_evaluate_pair_statistics_kl_and_row_refusal(short_rows, tiny_tokenizer,
             log_tuned = tuned(ids).logits[0, span].double().log_softmax(-1)
         kl = torch.nn.functional.kl_div(log_base, log_tuned, log_target=True, reduction="none")
         expected.append(kl.sum(-1).mean().item())
-    assert result.kl[0] == pytest.approx(np.mean(expected), rel=1e-4)
+    assert result.kl[0] == pytest.approx(np.mean(expected), rel=1e-3) and result.kl[0] > 1e-5
     same = evaluate_pair(base, base, tiny_tokenizer, rows[:2])
     assert same.kl[0] == pytest.approx(0, abs=1e-6) and same.margin_gain[0] == 0
     with pytest.raises(RowOverlapError, match="1 of 6 rows"):
@@ -255,8 +255,13 @@ def test_tiny_dpo_run_moves_the_margin_on_its_training_rows(tiny_tokenizer, tmp_
     # The training rows: the split's first rows that fit, recorded by hash, disjoint from the rest.
     dataset = load_hh_rlhf(HARMLESS_TEST, verbose=False)
     splits = split_rows(dataset, recipe.split_fractions, seed=recipe.split_seed)
-    rows, _ = select_training_rows(
-        splits, dataset.pairs, tiny_tokenizer, rows=recipe.rows, max_length=recipe.max_length
+    rows, _ = select_rows(
+        splits,
+        dataset.pairs,
+        tiny_tokenizer,
+        split="dpo_train",
+        rows=recipe.rows,
+        max_length=recipe.max_length,
     )
     metadata = json.loads((tmp_path / "a" / "training.json").read_text())
     assert metadata["training_rows_sha256"] == result.training_rows_sha256 == rows_sha256(rows)
@@ -309,7 +314,7 @@ def test_shipped_adapter_is_small_and_recorded():
 def test_shipped_pair_prefers_chosen_answers_on_held_out_rows(smollm2):
     from mahals.pairs import evaluation_rows
 
-    rows, splits, _ = evaluation_rows(SHIPPED, smollm2.tokenizer, rows=48, max_length=256)
+    rows, splits, _ = evaluation_rows(SHIPPED, smollm2.tokenizer, rows=32, max_length=192)
     tuned = merge_lora(copy.deepcopy(smollm2.hf), SHIPPED)
     result = evaluate_pair(
         smollm2.hf,
