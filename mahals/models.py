@@ -292,6 +292,7 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     registry: Registry | None = None,
+    adapter: str | os.PathLike | None = None,
     instrument: Instrumentation = "residual",
     verbose: bool = True,
 ) -> MahalsModel:
@@ -308,6 +309,9 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
         attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
         registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
+        adapter: a LoRA adapter (local folder, ``package:`` path or hub id) merged into the
+            weights after loading (:func:`mahals.pairs.merge_lora`); defaults to the registry
+            entry's ``adapter`` (the tuned side of ``SmolLM2_DPO_demo``).
         instrument: which modules nnsight routes through its interleaver. ``"residual"``
             (default): the model, its decoder layers, embedding and final norm — all that mahals
             reads or writes; each further module costs a few microseconds per forward pass,
@@ -362,6 +366,11 @@ def load_model(
                 f"could not load model {name!r}: it is not a registry key, not an existing local "
                 f"path, and the hub could not provide it ({err})"
             ) from err
+        adapter = adapter if adapter is not None else (spec.adapter if spec else None)
+        if adapter is not None:
+            from mahals.pairs import merge_lora
+
+            hf_model = merge_lora(hf_model, adapter)
         if device_map is None:
             hf_model.to(device)
         if tokenizer is None:
