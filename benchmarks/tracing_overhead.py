@@ -111,15 +111,15 @@ def main() -> None:
     methods["mahals"] = mahals_capture
     methods["mahals_stream"] = "stream"
     if args.steering:
-        from mahals.steering import Steering, SteeringVector, steering
+        from mahals.steering import Steering, SteeringVector, steer
 
         vector = SteeringVector(
             torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(27, 32)), base_model="random",
-            tuned_model="random", dataset="none", token="last", n_samples=1,
+            tuned_model="random", dataset="none", pool="last", n_samples=1,
         )
 
         def steered(ids):
-            with steering(models["lean"], Steering(vector)):
+            with steer(models["lean"], Steering(vector)):
                 mahals_capture(ids)
 
         methods["steered"] = steered
