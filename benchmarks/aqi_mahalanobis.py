@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
-        run(8 * N_CATEGORIES, 16, 2, args.folds, 4, device)  # warm-up: context, cuBLAS, cuSOLVER
+        run(4 * args.folds * N_CATEGORIES, 16, 2, args.folds, 4, device)  # warm-up: context, cuBLAS, cuSOLVER
     seconds = [
         run(args.n, args.d, args.layers, args.folds, args.bootstrap, device)
         for _ in range(args.repeats)

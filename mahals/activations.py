@@ -251,17 +251,26 @@ def _sink_free_mask(hidden: Tensor, batch: Batch, sinks: SinkRule, norm_ratio: f
     return torch.where(empty, mask, keep)
 
 
+def _low_precision_cuda(hidden: Tensor) -> bool:
+    return hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16)
+
+
+def _bmm_mask(mask: Tensor, hidden: Tensor) -> Tensor:
+    """``mask`` ``[batch, tokens]`` as the ``[batch, 1, tokens]`` operand :func:`_masked_sum` takes."""
+    return mask.to(hidden.dtype if _low_precision_cuda(hidden) else torch.float32).unsqueeze(1)
+
+
 def _masked_sum(mask: Tensor, hidden: Tensor) -> Tensor:
-    """``sum_t mask[b, t] * hidden[b, t, :]`` in float32: ``[batch, tokens]`` x
-    ``[batch, tokens, d]`` → ``[batch, d]``.
+    """``sum_t mask[b, 0, t] * hidden[b, t, :]`` in float32 → ``[batch, d]`` (``mask`` from
+    :func:`_bmm_mask`).
 
     On CUDA a bf16/fp16 ``hidden`` is multiplied as it is, with float32 accumulation and
     output (``bmm(..., out_dtype=float32)``): the 0/1 mask is exact in any dtype, and no float32
     copy of ``[batch, tokens, d]`` is made per layer. Elsewhere ``hidden`` is promoted first.
     """
-    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(mask.to(hidden.dtype).unsqueeze(1), hidden, out_dtype=torch.float32).squeeze(1)
-    return torch.bmm(mask.unsqueeze(1), hidden.float()).squeeze(1)
+    if _low_precision_cuda(hidden):
+        return torch.bmm(mask, hidden, out_dtype=torch.float32).squeeze(1)
+    return torch.bmm(mask, hidden.float()).squeeze(1)
 
 
 def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0) -> LayerReader:
@@ -280,11 +289,11 @@ def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0
                 mask = batch.token_mask() if sinks == "none" else _sink_free_mask(
                     hidden, batch, sinks, norm_ratio
                 )
-                per_batch["mask"] = (mask, mask.sum(-1, keepdim=True))
+                per_batch["mask"] = (_bmm_mask(mask, hidden), mask.sum(-1, keepdim=True))
         if pool == "mean":
             if per_batch["mask"] is None:  # sinks="norm": which tokens are kept depends on the layer
                 mask = _sink_free_mask(hidden, batch, sinks, norm_ratio)
-                return _masked_sum(mask, hidden) / mask.sum(-1, keepdim=True)
+                return _masked_sum(_bmm_mask(mask, hidden), hidden) / mask.sum(-1, keepdim=True)
             mask, counts = per_batch["mask"]
             return _masked_sum(mask, hidden) / counts
         return hidden[per_batch["rows"], batch.last if pool == "last" else batch.first].float()

@@ -54,6 +54,7 @@ class Batch:
         last: ``[batch]`` index of each row's last real token.
         step: 0 for a prompt pass; *k* ≥ 1 for the *k*-th decoding step of a generation, whose
             hidden states hold one new token per row (``tokens`` = 1, every position real).
+        padded: whether any row has padding (known on the host: no device synchronisation).
     """
 
     input_ids: Int[Tensor, "batch tokens"]
@@ -62,6 +63,7 @@ class Batch:
     first: Int[Tensor, " batch"]
     last: Int[Tensor, " batch"]
     step: int = 0
+    padded: bool = True
 
     @classmethod
     def pad(
@@ -89,15 +91,16 @@ class Batch:
         lengths = mask.sum(-1)
         first = length - lengths if side == "left" else torch.zeros_like(lengths)
         last = first + lengths - 1
+        padded = any(len(seq) != length for seq in sequences)
         if device.type != "cuda":
-            return cls(ids, mask, position_ids, first, last)
+            return cls(ids, mask, position_ids, first, last, padded=padded)
         # One pinned buffer, one non-blocking copy: a pageable copy would wait for the GPU to
         # finish the previous batch, and five small copies cost five launches.
         rows, cells = len(sequences), len(sequences) * length
         packed = torch.cat([ids.flatten(), mask.flatten(), position_ids.flatten(), first, last])
         parts = packed.pin_memory().to(device, non_blocking=True).split([cells] * 3 + [rows] * 2)
         ids, mask, position_ids = (part.view(rows, length) for part in parts[:3])
-        return cls(ids, mask, position_ids, parts[3], parts[4])
+        return cls(ids, mask, position_ids, parts[3], parts[4], padded=padded)
 
     @property
     def size(self) -> int:
@@ -116,7 +119,7 @@ class Batch:
         ones = torch.ones((self.size, 1), dtype=torch.long, device=self.device)
         zeros = torch.zeros(self.size, dtype=torch.long, device=self.device)
         positions = (self.last - self.first + step).unsqueeze(1)
-        return Batch(ones.clone(), ones, positions, zeros, zeros, step)
+        return Batch(ones.clone(), ones, positions, zeros, zeros, step, padded=False)
 
     def token_mask(self) -> Float[Tensor, "batch tokens"]:
         """``attention_mask`` as float32, for masked reductions on the device."""
@@ -230,15 +233,17 @@ def run_trace(
     # assignment inside the block would not reach this frame).
     reads: list[Tensor] = []
     logits: list[Tensor] = []
+    # Without padding the mask and positions are the defaults; leaving them out lets attention
+    # take its causal fast path instead of building and applying an explicit mask.
+    inputs = (
+        {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+        if batch.padded
+        else {}
+    )
     with (
         torch.inference_mode(),
         warnings.catch_warnings(),
-        model.nn.trace(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ) as tracer,
+        model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
         warnings.simplefilter("ignore", UserWarning)
         for layer in visit:
