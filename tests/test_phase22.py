@@ -125,7 +125,7 @@ def test_killed_sweep_resumes_to_the_uninterrupted_result(setup, tiny_tokenizer,
         parser = argparse.ArgumentParser()
         phase22.add_arguments(parser)
         config = phase22.config_from_args(parser.parse_args(arguments(out, *flags)))
-        return run_phase22(config, loader=lambda spec: load_model(spec.key, device="cpu", verbose=False))
+        return run_phase22(config, loader=_loader)
 
     whole = run_here(root / "whole")
     interrupted = root / "interrupted"
