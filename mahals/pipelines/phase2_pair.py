@@ -24,6 +24,7 @@ from mahals import plots
 from mahals._time import utc_timestamp
 from mahals._version import __version__
 from mahals.data.hh_rlhf import PairingRule, PreferenceDataset, tokenization_mismatches
+from mahals.evaluation import row_hash
 from mahals.io import atomic_write_json
 from mahals.models import MahalsModel
 from mahals.pipelines.caching import cache_identity, cached_capture
@@ -87,6 +88,7 @@ class _PairRun:
     tokenization_mismatches: int | None = None
     dtype_device: dict[str, str] = field(default_factory=dict)
     capture_seconds: float = 0.0
+    row_hashes: list[str] = field(default_factory=list)
 
     @property
     def cache_dir(self) -> Path:
@@ -204,7 +206,13 @@ def _compute_vectors(run: _PairRun, meaning: str) -> PairVectors:
             base_model=pair.base.source,
             tuned_model=pair.tuned.source,
             pool=config.pool,
-            extra={"pair": pair.key, "tuning": pair.tuning, "pairing": run.rule},
+            extra={
+                "pair": pair.key,
+                "tuning": pair.tuning,
+                "pairing": run.rule,
+                # Phase 2.2 refuses to evaluate a vector on the rows it was extracted from.
+                "row_sha256": run.row_hashes,
+            },
         )
     except ValueError as error:
         raise RuntimeError(f"pair {pair.key}: {error}") from error
@@ -335,6 +343,7 @@ def extract_pair(
         return tokenizers[0]
 
     texts = pair_texts(dataset, rule, tuned_tokenizer)
+    run.row_hashes = [row_hash(row) for row in dataset]
     n_samples = len(dataset)
     base_batch, tuned_batch = run.batch_size("base"), run.batch_size("tuned")
     batch_text = (
