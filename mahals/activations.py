@@ -264,8 +264,10 @@ def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0
             per_batch["rows"] = torch.arange(batch.size, device=hidden.device)
             per_batch["weights"] = None
             if pool == "mean" and sinks != "norm":
-                mask = batch.token_mask() if sinks == "none" else _sink_free_mask(
-                    hidden, batch, sinks, norm_ratio
+                mask = (
+                    batch.token_mask()
+                    if sinks == "none"
+                    else _sink_free_mask(hidden, batch, sinks, norm_ratio)
                 )
                 per_batch["weights"] = (mask / mask.sum(-1, keepdim=True)).unsqueeze(1)
         if pool == "mean":
@@ -381,10 +383,10 @@ def capture(
             # Land the previous batch only now: its copy finished long ago, while this batch's
             # kernels keep the GPU busy as the host prepares the next one.
             if in_flight is not None:
-                in_flight.land(out)
+                in_flight.land(out, model, layer_ids)
             in_flight = staged
             bar.update(len(rows))
-        in_flight.land(out)
+        in_flight.land(out, model, layer_ids)
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
 
 
@@ -395,18 +397,36 @@ class _Staged:
     rows: list[int]
     host: Tensor
     done: torch.cuda.Event | None
+    finite: Tensor | None = None
 
     @classmethod
     def start(cls, rows: list[int], pooled: Tensor, on_cuda: bool) -> _Staged:
+        # One on-device reduction per batch; read on the host only once the copy has landed.
+        finite = torch.isfinite(pooled).all()
         if not on_cuda:
-            return cls(rows, pooled, None)
+            return cls(rows, pooled, None, finite)
         host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(pooled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return cls(rows, host, done)
+        return cls(rows, host, done, finite)
 
-    def land(self, out: Tensor) -> None:
+    def check_finite(self, model: MahalsModel, layer_ids: Sequence[int]) -> None:
+        """Raise if the batch holds NaN or infinity, naming the model, layers and rows."""
         if self.done is not None:
             self.done.synchronize()
+        if self.finite is None or bool(self.finite):
+            return
+        bad = ~torch.isfinite(self.host.cpu())  # [batch, layers, d_model]
+        layers = [layer_ids[i] for i in torch.nonzero(bad.any(dim=(0, 2))).flatten().tolist()]
+        rows = [self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist()]
+        raise FloatingPointError(
+            f"model {model.name!r} ({str(model.dtype).removeprefix('torch.')}) produced NaN or "
+            f"infinite activations at layers {layers[:10]} for input rows {rows[:20]}"
+            f"{' …' if len(rows) > 20 else ''}: an overflow; load it in bfloat16 or float32 "
+            "(load_model(..., dtype=torch.bfloat16))"
+        )
+
+    def land(self, out: Tensor, model: MahalsModel, layer_ids: Sequence[int]) -> None:
+        self.check_finite(model, layer_ids)
         out[torch.tensor(self.rows)] = self.host
