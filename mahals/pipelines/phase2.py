@@ -37,11 +37,13 @@ from mahals._version import __version__
 from mahals.data.hh_rlhf import HH_RLHF_HUB_ID, PairingRule, PreferenceDataError, PreferenceDataset
 from mahals.io import atomic_write_json
 from mahals.models import load_tokenizer
+from mahals.pipelines.caching import item_identity
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     RunSummary,
     add_run_arguments,
+    holds_output_lock,
     run_checkpointed,
     run_command,
     run_options,
@@ -117,6 +119,7 @@ class Phase2Config:
         checkpoint: ``--resume`` / ``--fresh`` / ``--skip``; ``None`` = ask on a terminal,
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
+        wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
     """
 
     mode: Mode = "sanity"
@@ -137,6 +140,7 @@ class Phase2Config:
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
     progress: bool | None = None
+    wait_for_lock: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -283,6 +287,7 @@ def _save_comparison_plots(out_dir: Path, results: Mapping[str, dict[str, Any]])
     return paths
 
 
+@holds_output_lock
 def run_phase2(
     config: Phase2Config,
     *,
@@ -314,7 +319,7 @@ def run_phase2(
     loaded: list[tuple[PreferenceDataset, dict[str, Any]]] = []
 
     def conversations() -> tuple[PreferenceDataset, dict[str, Any]]:
-        if not loaded:  # loaded on the first pending pair only: a finished run reads no data
+        if not loaded:  # loaded once, when a pair is computed or its recorded identity checked
             loaded.append(
                 load_conversations(
                     config.dataset,
@@ -339,6 +344,11 @@ def run_phase2(
                 pairs[key], config, conversations, slot, tokenizer_loader
             ),
             keep_on_fresh=(CACHE_DIR_NAME,),
+            identity=lambda key: item_identity(
+                [repr(pair) for pair in conversations()[0]],
+                base=pairs[key].base,
+                tuned=pairs[key].tuned,
+            ),
         )
     results = {key: dict(result) for key, result in outcome.results.items()}
     pending = tuple(key for key in pair_keys if key not in results)
