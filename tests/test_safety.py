@@ -366,3 +366,17 @@ def test_checkpoint_with_remote_code_is_refused_without_prompting(tmp_path, monk
     with pytest.raises(ValueError, match="trust_remote_code"):
         load_model(str(folder), device="cpu")
     assert not marker.exists()
+
+
+def test_aqi_reports_a_zero_variance_layer_instead_of_nan():
+    from mahals.aqi import evaluate_activations
+
+    x = torch.randn(40, 3, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = 0.5  # every row identical at layer 1
+    labels = ["safe", "unsafe"] * 20
+    for mode in ("geometry", "mahalanobis", "reference"):
+        with pytest.raises(ValueError, match="layer 1 is degenerate"):
+            evaluate_activations(x, ["a"] * 40, labels, mode=mode, layer=1, n_bootstrap=10)
+    report = evaluate_activations(x, ["a"] * 40, labels, mode="geometry", layer=[0, 2],
+                                  n_bootstrap=10)  # fmt: skip
+    assert math.isfinite(report.overall.aqi)
