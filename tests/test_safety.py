@@ -380,3 +380,80 @@ def test_aqi_reports_a_zero_variance_layer_instead_of_nan():
     report = evaluate_activations(x, ["a"] * 40, labels, mode="geometry", layer=[0, 2],
                                   n_bootstrap=10)  # fmt: skip
     assert math.isfinite(report.overall.aqi)
+
+
+# ------------------------------------------------------------------ no pickle anywhere
+
+
+def test_library_never_unpickles():
+    """Only safetensors and JSON are read: no pickle, no torch.load, no allow_pickle."""
+    root = Path(__file__).resolve().parents[1] / "mahals"
+    patterns = ("import pickle", "torch.load(", "allow_pickle=True", "weights_only=False",
+                "import dill", "joblib.load")  # fmt: skip
+    found = [
+        f"{path.relative_to(root)}: {pattern}"
+        for path in root.rglob("*.py")
+        for pattern in patterns
+        if pattern in path.read_text(encoding="utf-8")
+    ]
+    assert found == []
+
+
+# ------------------------------------------------------------------ 10. input checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_length": 0}, ValueError, "max_length must be >= 1"),
+        ({"max_length": -3}, ValueError, "max_length must be >= 1"),
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"batch_size": True}, TypeError, "batch_size must be an int"),
+        ({"layers": True}, TypeError, r"layers must be ints, got \[True\]"),
+        ({"layers": [1, 1]}, ValueError, r"name layers \[1\] more than once"),
+        ({"layers": [2, -1]}, ValueError, r"name layers \[2\] more than once"),
+    ],
+)
+def test_capture_arguments_are_checked_by_name(tiny_tokenizer, kwargs, error, message):
+    """(``layers=1.0`` / ``"3"``: beartype refuses them here first; tests/test_layers.py
+    checks select_layers' own messages.)"""
+    from mahals.activations import capture
+
+    model = build_tiny("llama", tiny_tokenizer)
+    with pytest.raises(error, match=message):
+        capture(model, ["some text"], **kwargs)
+
+
+def test_token_ids_outside_the_vocabulary_and_overlong_inputs_are_refused(tiny_tokenizer):
+    from mahals.activations import capture
+
+    model = build_tiny("llama", tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"rows \[1\] hold token ids outside 0..299"):
+        capture(model, [[2, 5, 6], [2, 300]])
+    with pytest.raises(ValueError, match=r"rows \[0\].*-1|rows \[0\] hold token ids"):
+        capture(model, [[-1, 5]])
+    with pytest.raises(ValueError, match="longer than the 256 positions.*max_length=256"):
+        capture(model, ["x" * 300])
+    assert capture(model, ["x" * 300], max_length=256).tensor.shape == (1, 3, 64)
+
+
+def test_phase1_cli_rejects_a_negative_token_cap_at_parse_time(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--max-batch-tokens", "-5"])
+    assert exit_info.value.code == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_refused_before_any_model_loads(study):
+    root, data = study
+    (root / "a-file").write_text("not a folder")
+
+    def no_model(spec):
+        raise AssertionError("loaded a model although the output folder cannot be made")
+
+    with pytest.raises(NotADirectoryError):
+        phase1.run_phase1(_config(data, root / "a-file" / "out"), loader=no_model)

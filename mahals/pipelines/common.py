@@ -52,7 +52,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     RegistryError,
     FileNotFoundError,
-    PermissionError,
+    PermissionError,  # an output folder that cannot be written: found before any model loads
+    NotADirectoryError,
     FloatingPointError,  # non-finite activations: the message says which dtype to use
 )
 
@@ -304,10 +305,11 @@ def add_run_arguments(
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=seed, help=seed_help)
     parser.add_argument(
-        "--batch-size", type=int, help="texts per forward pass (default: the registry's per model)"
-    )
+        "--batch-size", type=_positive_int,
+        help="texts per forward pass (default: the registry's per model)",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+        "--max-batch-tokens", type=_non_negative_int, default=DEFAULT_MAX_BATCH_TOKENS,
         help=f"cap on padded tokens per forward pass (default {DEFAULT_MAX_BATCH_TOKENS}; 0 = no cap)",
     )  # fmt: skip
     parser.add_argument(
@@ -323,6 +325,20 @@ def add_run_arguments(
         help="no progress bars (default: shown on a terminal)",
     )  # fmt: skip
     add_checkpoint_flags(parser)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no cap), got {value}")
+    return value
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
