@@ -36,6 +36,7 @@ __all__ = [
     "CachedBlock",
     "cache_identity",
     "cached_capture",
+    "data_fingerprint",
     "item_identity",
     "model_identity",
     "read_activation_cache",
@@ -63,10 +64,33 @@ def model_identity(spec: ModelSpec, prefix: str = "model") -> dict[str, str]:
     return {f"{prefix}_source": spec.source, f"{prefix}_weights": fingerprint}
 
 
-def item_identity(texts: Sequence[str], **specs: ModelSpec) -> dict[str, str]:
-    """What a run's item (a model, a pair) was computed from: the SHA-256 of its rows and,
+def data_fingerprint(source: str) -> str:
+    """SHA-256 of a local data file's bytes (of every file, by relative name, for a folder);
+    ``hub:<id>`` for a hub dataset id (its content is not checked)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return f"hub:{source}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def item_identity(
+    texts: Sequence[str] | None = None, *, data: str | None = None, **specs: ModelSpec
+) -> dict[str, str]:
+    """What a run's item (a model, a pair) was computed from: the SHA-256 of its rows
+    (``texts``) or of its data source's files (``data``, when the rows are not read yet) and,
     per named model (``model=``, ``base=`` / ``tuned=``), its source and weights fingerprint."""
-    identity = {"texts_sha256": texts_sha256(texts), "n": str(len(texts))}
+    identity = {}
+    if texts is not None:
+        identity |= {"texts_sha256": texts_sha256(texts), "n": str(len(texts))}
+    if data is not None:
+        identity["data_sha256"] = data_fingerprint(data)
     for role, spec in specs.items():
         identity.update(model_identity(spec, role))
     return identity

@@ -319,7 +319,7 @@ def run_phase2(
     loaded: list[tuple[PreferenceDataset, dict[str, Any]]] = []
 
     def conversations() -> tuple[PreferenceDataset, dict[str, Any]]:
-        if not loaded:  # loaded once, when a pair is computed or its recorded identity checked
+        if not loaded:  # loaded on the first pending pair only: a finished run reads no data
             loaded.append(
                 load_conversations(
                     config.dataset,
@@ -333,6 +333,7 @@ def run_phase2(
             )
         return loaded[0]
 
+    data_identity = item_identity(data=config.dataset)  # hashed once, not per pair
     with ModelSlot(loader) as slot:
         outcome = run_checkpointed(
             out_dir=config.out_dir,
@@ -344,11 +345,10 @@ def run_phase2(
                 pairs[key], config, conversations, slot, tokenizer_loader
             ),
             keep_on_fresh=(CACHE_DIR_NAME,),
-            identity=lambda key: item_identity(
-                [repr(pair) for pair in conversations()[0]],
-                base=pairs[key].base,
-                tuned=pairs[key].tuned,
-            ),
+            identity=lambda key: {
+                **data_identity,
+                **item_identity(base=pairs[key].base, tuned=pairs[key].tuned),
+            },
         )
     results = {key: dict(result) for key, result in outcome.results.items()}
     pending = tuple(key for key in pair_keys if key not in results)
