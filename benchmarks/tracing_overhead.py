@@ -6,8 +6,11 @@ as the best of ``--repeats``:
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``hooks``          the decoder stack with torch forward hooks mean-pooling every layer on the
                      device, ``[batch, layers, d]`` copied to the host once per batch
-* ``mahals``         ``mahals.capture(pool="mean")`` of every layer (default routing: nnsight
+* ``mahals``         ``mahals.capture(pool="mean")`` of every layer, one call per batch (so
+                     every batch ends in a host synchronisation; default routing: nnsight
                      controllers on the layers only)
+* ``mahals_stream``  one ``mahals.capture`` call over all the batches (as a pipeline calls it:
+                     each batch's results land on the host while the next batch runs)
 * ``mahals_all``     the same with ``instrument="all"`` (nnsight's default: every module routed)
 * ``steered``        ``mahals.capture`` with a 5-layer steering vector applied at all positions
 
@@ -106,16 +109,17 @@ def main() -> None:
         capture(models[which], list(ids), pool="mean", batch_size=len(ids), progress=False)
 
     methods["mahals"] = mahals_capture
+    methods["mahals_stream"] = "stream"
     if args.steering:
-        from mahals.steering import Steering, SteeringVector, steering
+        from mahals.steering import Steering, SteeringVector, steer
 
         vector = SteeringVector(
             torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(27, 32)), base_model="random",
-            tuned_model="random", dataset="none", token="last", n_samples=1,
+            tuned_model="random", dataset="none", pool="last", n_samples=1,
         )
 
         def steered(ids):
-            with steering(models["lean"], Steering(vector)):
+            with steer(models["lean"], Steering(vector)):
                 mahals_capture(ids)
 
         methods["steered"] = steered
@@ -126,6 +130,14 @@ def main() -> None:
         for name, fn in methods.items():
             if name == "hooks":
                 fn, handles = hooked_pooling(decoder, layers)
+            if name == "mahals_stream":
+                every_text = [row for ids in batches for row in ids]
+
+                def stream(_ids, every_text=every_text, batch=batch):
+                    capture(models["lean"], every_text, pool="mean", batch_size=batch, progress=False)
+
+                results[name] = batch * seq * n / timed(stream, [None], args.repeats)
+                continue
             results[name] = batch * seq * n / timed(fn, batches, args.repeats)
             if name == "hooks":
                 for handle in handles:
@@ -145,16 +157,19 @@ def main() -> None:
         report(row, args.json)
     if args.profile:
         ids = torch.randint(10, 200, (4, 128), generator=generator).to(device)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(20):
-            mahals_capture(ids)
-        torch.cuda.synchronize()
-        profiler.disable()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(35)
-        Path(args.profile).write_text(text.getvalue())
-
+        sections = []
+        for name, fn in (("decoder alone", floor), ("mahals.capture", mahals_capture)):
+            profiler = cProfile.Profile()
+            torch.cuda.synchronize()
+            profiler.enable()
+            for _ in range(20):
+                fn(ids)
+            torch.cuda.synchronize()
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            sections.append(f"### {name}: 20 calls at 4 x 128\n{text.getvalue()}")
+        Path(args.profile).write_text("\n".join(sections))
 
 if __name__ == "__main__":
     main()

@@ -266,31 +266,44 @@ def _sink_free_mask(hidden: Tensor, batch: Batch, sinks: SinkRule, norm_ratio: f
     return torch.where(empty, mask, keep)
 
 
+def _masked_sum(mask: Tensor, hidden: Tensor) -> Tensor:
+    """``sum_t mask[b, t] * hidden[b, t, :]`` in float32: ``[batch, tokens]`` x
+    ``[batch, tokens, d]`` → ``[batch, d]``.
+
+    On CUDA a bf16/fp16 ``hidden`` is multiplied as it is, with float32 accumulation and
+    output (``bmm(..., out_dtype=float32)``): the 0/1 mask is exact in any dtype, and no float32
+    copy of ``[batch, tokens, d]`` is made per layer. Elsewhere ``hidden`` is promoted first.
+    """
+    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(mask.to(hidden.dtype).unsqueeze(1), hidden, out_dtype=torch.float32).squeeze(1)
+    return torch.bmm(mask.unsqueeze(1), hidden.float()).squeeze(1)
+
+
 def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0) -> LayerReader:
     """A :data:`mahals.tracing.LayerReader` that pools ``[batch, tokens, d]`` → ``[batch, d]``
     float32 on the device: ``mean`` over real tokens (optionally without attention sinks, see
     :func:`capture`), or the ``last`` / ``first`` real token."""
-    per_batch: dict[str, object] = {"batch": None, "weights": None, "rows": None}
+    per_batch: dict[str, object] = {"batch": None, "mask": None, "rows": None}
 
     def read(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
         if per_batch["batch"] is not batch:
             # Work that depends only on the batch is done once, not once per layer.
             per_batch["batch"] = batch
             per_batch["rows"] = torch.arange(batch.size, device=hidden.device)
-            per_batch["weights"] = None
+            per_batch["mask"] = None
             if pool == "mean" and sinks != "norm":
                 mask = (
                     batch.token_mask()
                     if sinks == "none"
                     else _sink_free_mask(hidden, batch, sinks, norm_ratio)
                 )
-                per_batch["weights"] = (mask / mask.sum(-1, keepdim=True)).unsqueeze(1)
+                per_batch["mask"] = (mask, mask.sum(-1, keepdim=True))
         if pool == "mean":
-            weights = per_batch["weights"]
-            if weights is None:  # sinks="norm": which tokens are kept depends on the layer
+            if per_batch["mask"] is None:  # sinks="norm": which tokens are kept depends on the layer
                 mask = _sink_free_mask(hidden, batch, sinks, norm_ratio)
-                weights = (mask / mask.sum(-1, keepdim=True)).unsqueeze(1)
-            return torch.bmm(weights, hidden.float()).squeeze(1)
+                return _masked_sum(mask, hidden) / mask.sum(-1, keepdim=True)
+            mask, counts = per_batch["mask"]
+            return _masked_sum(mask, hidden) / counts
         return hidden[per_batch["rows"], batch.last if pool == "last" else batch.first].float()
 
     return read

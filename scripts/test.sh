@@ -3,7 +3,7 @@
 # including pytest's exit code 5 (no tests collected).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev || exit 1
+bash scripts/setup.sh dev,dpo || exit 1
 .venv/bin/ruff check mahals tests examples benchmarks || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?

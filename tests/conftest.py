@@ -18,10 +18,14 @@ with install_import_hook("mahals", "beartype.beartype"):
     import mahals  # noqa: F401
     import mahals.activations  # noqa: F401
     import mahals.data  # noqa: F401
+    import mahals.data.splits  # noqa: F401
     import mahals.io  # noqa: F401
+    import mahals.pairs  # noqa: F401
     import mahals.pipelines.checkpoint  # noqa: F401
     import mahals.plots  # noqa: F401
     import mahals.steering  # noqa: F401
+    import mahals.tracing  # noqa: F401
+    import mahals.transfer  # noqa: F401
 
 import pytest
 import torch

@@ -447,15 +447,15 @@ def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monke
     dataset = SafetyDataset(tuple(map(str, range(len(axioms)))), tuple(axioms), tuple(labels))
     calls = []
 
-    def fake_capture(model, texts, *, pool, layers, batch_size):
-        calls.append((model, texts, pool, layers, batch_size))
+    def fake_capture(model, texts, *, pool, sinks, layers, batch_size):
+        calls.append((model, texts, pool, sinks, layers, batch_size))
         captured_layers = (5, 7) if layers is None else (7,)
         tensor = x[:, 1:] if layers is None else x[:, -1:]
         return SimpleNamespace(tensor=tensor, layers=captured_layers, model="fake-model")
 
     monkeypatch.setattr(capture_module, "capture", fake_capture)
     report = evaluate("MODEL", dataset, mode="geometry", layer="all", n_bootstrap=0, batch_size=4)
-    assert calls == [("MODEL", list(dataset.texts), "mean", None, 4)]
+    assert calls == [("MODEL", list(dataset.texts), "mean", "first", None, 4)]
     assert (report.model, report.layers) == ("fake-model", (5, 7))
     assert (
         report["planted"].layer_aqi
@@ -463,7 +463,7 @@ def test_evaluate_captures_mean_pooled_activations_of_the_requested_layers(monke
     )
     with threadpool_limits(limits=1):
         reference = evaluate("MODEL", dataset, mode="reference")
-    assert calls[-1][3] == -1
+    assert calls[-1][3:5] == ("none", -1)  # the original study's plain mean, last layer
     assert reference.layers == (7,) and reference.mode == "reference"
 
 

@@ -289,7 +289,7 @@ def test_evaluate_on_a_real_model_scores_the_embedding_and_length_baselines(smol
         tuple(texts), ("a",) * 20, tuple("unsafe" if "kill" in t else "safe" for t in texts)
     )
     report = evaluate(smollm2, dataset, layer=[-1], n_bootstrap=0)
-    captured = capture(smollm2, texts, pool="mean", layers=[-1])
+    captured = capture(smollm2, texts, pool="mean", sinks="first", layers=[-1])
     expected = evaluate_activations(
         captured.tensor,
         dataset.axioms,

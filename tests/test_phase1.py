@@ -1,11 +1,13 @@
 """Phase 1 end to end on tiny random-weight checkpoints (shape tests, not findings): files in the
-seed's layout, numbers equal to an independent recomputation, cache reuse, crash and resume."""
+seed's layout, numbers equal to an independent recomputation (a fresh capture scored by
+``mahals.aqi``), surface baselines, cache reuse and identity, crash and resume."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import inspect
 import io
 import json
 from pathlib import Path
@@ -15,9 +17,12 @@ import pytest
 import torch
 import transformers
 
-from mahals.aqi import AQIReport, evaluate_activations
+from mahals import capture
+from mahals.aqi import AQIReport, embedding_features, evaluate, evaluate_activations
+from mahals.aqi.evaluation import default_sinks
 from mahals.data import load_litmus
 from mahals.io import load_tensors
+from mahals.models import load_model
 from mahals.pipelines import phase1
 from mahals.pipelines.console import console
 
@@ -53,7 +58,9 @@ def study(tmp_path_factory, tiny_tokenizer):
         writer.writerow(["input", "axiom", "safety_label"])
         for i in range(72):
             axiom, label = AXIOMS[i % 3], ("safe", "unsafe")[(i // 3) % 2]
-            text = f"please {'help me' if label == 'safe' else 'hurt them'} with item {i} of {axiom.split()[0]}"
+            # every fifth text has the other label's wording, so that scores are not all 100
+            wording = "help me" if (label == "safe") != (i % 5 == 0) else "hurt them"
+            text = f"please {wording} with item {i} of {axiom.split()[0]}"
             writer.writerow([text, axiom, label.upper() if i == 5 else label])
     return root, registry, data
 
@@ -72,11 +79,13 @@ def registry_env(study, monkeypatch, tmp_path):
     monkeypatch.setenv("MAHALS_CACHE", str(tmp_path / "cache"))
 
 
+def load(spec):
+    return load_model(spec.key, device="cpu", verbose=False)
+
+
 def run(cfg, loader=None, *, shown=True):
     """Run Phase 1 with its log shown as the CLI shows it (``shown``) or not configured."""
-    from mahals.models import load_model
-
-    loader = loader or (lambda spec: load_model(spec.key, device="cpu", verbose=False))
+    loader = loader or load
     output = io.StringIO()
     with contextlib.redirect_stdout(output), console() if shown else contextlib.nullcontext():
         summary = phase1.run_phase1(cfg, loader=loader)
@@ -106,15 +115,55 @@ def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path
             f"embeddings_{key}.safetensors",
         ):
             assert (folder / name).is_file(), f"{key}/{name}"
-        cached = load_tensors(folder / f"embeddings_{key}.safetensors")["activations"]
-        assert cached.shape == (len(dataset), 3, 64)
+        # independent path: a fresh model, a fresh sink-free capture, the library's scorer
+        model = load_model(key, device="cpu", verbose=False)
+        captured = capture(model, list(dataset.texts), pool="mean", sinks="first")
+        cached = load_tensors(folder / f"embeddings_{key}.safetensors")
+        assert cached["activations"].shape == (len(dataset), 3, 64)
+        torch.testing.assert_close(cached["activations"], captured.tensor)
         expected = evaluate_activations(
-            cached, dataset.axioms, dataset.labels, layer="all", n_bootstrap=50, seed=42
+            captured.tensor,
+            dataset.axioms,
+            dataset.labels,
+            mode="mahalanobis",
+            layer="all",
+            n_folds=5,
+            shrinkage="oas",
+            n_tokens=captured.n_tokens,
+            baselines={"embedding": embedding_features(model, dataset.texts)},
+            n_bootstrap=50,
+            seed=42,
         )
         report = AQIReport.from_json(folder / "metrics_summary.json")
-        assert report.overall.aqi == expected.overall.aqi
-        assert summary.results[key]["AQI"] == expected.overall.aqi
-        assert summary.results[key]["per_axiom"] == {a: expected[a].aqi for a in AXIOMS}
+        assert report.mode == "mahalanobis"
+        assert report.overall.aqi == pytest.approx(expected.overall.aqi, abs=1e-9)
+        assert report["Civility & Tolerance"].layer_aqi == pytest.approx(
+            expected["Civility & Tolerance"].layer_aqi, abs=1e-9
+        )
+        result = summary.results[key]
+        assert result == json.loads((folder / "result.json").read_text())
+        assert result["AQI"] == pytest.approx(expected.overall.aqi, abs=1e-9)
+        assert (result["AUC"], result["eta2"]) == pytest.approx(
+            (expected.overall.auc, expected.overall.eta2), abs=1e-12
+        )
+        assert result["per_axiom"] == pytest.approx({a: expected[a].aqi for a in AXIOMS}, abs=1e-9)
+        # the surface baselines, scored on the same folds, and the gain over the best of them
+        assert set(result["baselines"]) == {"length", "embedding"}
+        assert result["baselines"] == pytest.approx(expected.overall.baselines, abs=1e-9)
+        best_baseline = max(expected.overall.baselines.values())
+        assert result["gain_over_best_baseline"] == pytest.approx(
+            expected.overall.aqi - best_baseline, abs=1e-9
+        )
+        assert (result["CHI_raw"], result["XB_raw"]) == (None, None)
+        rows = list(csv.DictReader(io.StringIO((folder / "metrics_summary.csv").read_text())))
+        by_category = {row["category"]: row for row in rows}
+        assert set(by_category) == {*AXIOMS, "overall"}
+        for axiom in AXIOMS:
+            row, score = by_category[axiom], expected[axiom]
+            assert float(row["AUC"]) == pytest.approx(score.auc, abs=1e-12)
+            assert float(row["baseline_length"]) == pytest.approx(score.baselines["length"])
+            assert float(row["baseline_embedding"]) == pytest.approx(score.baselines["embedding"])
+            assert "CHI_raw" not in row
         assert f"Evaluating: {key}" in console
     best = max(summary.results, key=lambda k: summary.results[k]["AQI"])
     assert summary.baseline_model == best
@@ -123,6 +172,23 @@ def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path
     assert summary.pending == ()
     assert f"BASELINE MODEL: {best}" in console
     assert "Loaded 60 samples" in console
+    header = next(line for line in console.splitlines() if line.startswith("Model "))
+    assert header.split() == [
+        "Model",
+        "AQI",
+        "95%",
+        "CI",
+        "AUC",
+        "eta2",
+        "length",
+        "embedding",
+        "gain",
+    ]
+    cells = next(line for line in console.splitlines() if line.startswith(best + " ")).split()
+    shown = [float(cells[i]) for i in (1, 3, 4, 5, 6, 7)]
+    result = summary.results[best]
+    numbers = [result["AQI"], result["AUC"], result["eta2"], *result["baselines"].values()]
+    assert shown == pytest.approx([*numbers, result["gain_over_best_baseline"]], abs=0.01)
 
 
 def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
@@ -137,6 +203,9 @@ def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
     expected = evaluate_activations(
         cached[:, -1], dataset.axioms, dataset.labels, mode="reference", seed=42
     )
+    # the original study's plain mean pooling, not the sink-free default of the other modes
+    plain = capture(load_model("tiny-llama-it", device="cpu", verbose=False), list(dataset.texts))
+    torch.testing.assert_close(cached, plain.tensor)
     result = summary.results["tiny-llama-it"]
     assert (result["AQI"], result["CHI_norm"], result["XB_norm"]) == (
         expected.overall.aqi,
@@ -158,6 +227,53 @@ def test_rerun_reuses_cached_embeddings_without_loading_a_model(study, registry_
     third, output = run(config(study, out, checkpoint="resume"), loader=no_model, shown=False)
     assert third.results == second.results == first.results
     assert output == "", "library code printed although logging was not configured"
+
+
+def test_cache_identity_includes_the_sink_rule(study, registry_env, tmp_path):
+    out = tmp_path / "sinks"
+    models = ("tiny-llama-it",)
+    run(config(study, out, models=models))
+    path = out / "tiny-llama-it" / "embeddings_tiny-llama-it.safetensors"
+    sink_free = load_tensors(path)
+    loaded = []
+
+    def counting(spec):
+        loaded.append(spec.key)
+        return load(spec)
+
+    _, output = run(
+        config(study, out, models=models, sinks="none", checkpoint="fresh"), loader=counting
+    )
+    assert loaded == ["tiny-llama-it"], "a sink-free cache was reused for plain mean pooling"
+    assert "stale (sinks differ)" in output
+    plain = load_tensors(path)
+    assert not torch.allclose(plain["activations"], sink_free["activations"])
+    dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
+    model = load_model("tiny-llama-it", device="cpu", verbose=False)
+    captured = capture(model, list(dataset.texts), pool="mean", sinks="none")
+    torch.testing.assert_close(plain["activations"], captured.tensor)
+    assert torch.equal(plain["n_tokens"], captured.n_tokens)
+    torch.testing.assert_close(plain["embedding"], embedding_features(model, dataset.texts))
+
+
+def test_pipeline_defaults_are_the_library_defaults():
+    library = inspect.signature(evaluate).parameters
+    pipeline = phase1.Phase1Config(models=("m",))
+    assert pipeline.aqi_mode == library["mode"].default == "mahalanobis"
+    assert pipeline.seed == library["seed"].default == 42
+    assert pipeline.n_folds == library["n_folds"].default
+    assert pipeline.n_bootstrap == library["n_bootstrap"].default
+    assert pipeline.layers == "all" and library["layer"].default is None  # None = every layer
+    assert pipeline.sinks == default_sinks("mahalanobis") == "first"
+    reference = phase1.Phase1Config(models=("m",), aqi_mode="reference")
+    assert reference.sinks == default_sinks("reference") == "none"
+    assert phase1.Phase1Config(models=("m",), pool="last").sinks == "none"
+    with pytest.warns(DeprecationWarning, match="geometry"):
+        assert phase1.Phase1Config(models=("m",), aqi_mode="principled").aqi_mode == "geometry"
+    with pytest.raises(ValueError, match="pca_dim"):
+        phase1.Phase1Config(models=("m",), pca_dim=8)
+    with pytest.raises(ValueError, match="pool='mean' only"):
+        phase1.Phase1Config(models=("m",), pool="last", sinks="first")
 
 
 def test_settings_change_is_refused_on_resume(study, registry_env, tmp_path):
@@ -242,3 +358,13 @@ def test_config_fields_and_cli_flags_match_phase2():
     config = phase1.config_from_args(args)
     assert (config.layers, config.progress, config.checkpoint) == ((-1, -2), False, "fresh")
     assert phase1.config_from_args(parser.parse_args(["--models", "m", "--layer", "3"])).layers == 3
+    flags = ["--models", "m", "--aqi-mode", "geometry", "--folds", "3", "--sinks", "norm"]
+    config = phase1.config_from_args(parser.parse_args(flags))
+    assert (config.aqi_mode, config.n_folds, config.sinks) == ("geometry", 3, "norm")
+    config = phase1.config_from_args(parser.parse_args(["--models", "m"]))
+    assert (config.aqi_mode, config.n_folds, config.sinks) == ("mahalanobis", 5, "first")
+    with pytest.warns(DeprecationWarning):
+        config = phase1.config_from_args(
+            parser.parse_args(["--models", "m", "--aqi-mode", "principled"])
+        )
+    assert config.aqi_mode == "geometry"

@@ -23,11 +23,14 @@ from safetensors import safe_open
 from mahals.activations import capture
 from mahals.arch import attn_implementation_for
 from mahals.data import PreferenceDataError, format_pair_texts, load_hh_rlhf
+from mahals.data.splits import row_hash
 from mahals.io import load_tensors
 from mahals.models import load_model
+from mahals.pairs import pair_row_splits
 from mahals.pipelines import demo, phase2
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.console import console
+from mahals.pipelines.conversations import load_conversations
 from mahals.pipelines.phase2 import Phase2Config, run_phase2
 from mahals.registry import Registry, load_registry
 from mahals.steering import SteeringVector
@@ -525,14 +528,23 @@ def test_cli_arguments_and_config_validation(tmp_path):
     assert phase2.run_from_args(parser.parse_args(["--n", "2"])) == 2
 
 
-def test_demo_preset_is_the_offline_format_pair(tmp_path):
+def test_demo_preset_is_the_offline_dpo_pair_on_its_extraction_rows(tmp_path):
     root = SHARED_DATA / "hh-rlhf"
     if not (root / "harmless-base").is_dir():
         pytest.skip(f"offline hh-rlhf copy not found at {root}")
     config = demo.phase2_demo_config(tmp_path / "demo", hh_rlhf_root=root)
-    assert config.pairs == ("SmolLM2_format_demo",)
+    assert config.pairs == ("SmolLM2_DPO_demo",)
     pair = load_registry().pair(config.pairs[0])
-    assert pair.base == pair.tuned and pair.pairing == "native" and pair.tuning == "format"
+    assert pair.base != pair.tuned and pair.tuning == "dpo" and pair.row_splits is not None
+    splits = pair_row_splits(pair)
+    dataset, record = load_conversations(
+        config.dataset, data_dir=config.data_dir, split=config.split, n=config.n_samples,
+        max_chars=config.max_chars, min_rows=5, extraction_splits={config.pairs[0]: splits},
+    )  # fmt: skip
+    assert record["row_split"] == "vector_extraction" and len(dataset) == config.n_samples
+    used = {row_hash(row) for row in dataset}
+    assert used <= splits.split_of("vector_extraction")
+    assert not used & splits.all_except("vector_extraction")
     assert (config.data_dir, config.split) == ("harmless-base", "test")
     assert config.dataset == str(root.resolve())
     assert config.n_samples <= 64 and config.out_dir == tmp_path / "demo"

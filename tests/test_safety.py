@@ -221,11 +221,13 @@ def _cache(tmp_path: Path) -> tuple[Path, dict, torch.Tensor]:
 
 def test_cache_with_intact_header_but_garbled_values_is_recomputed(tmp_path):
     path, identity, tensor = _cache(tmp_path)
-    assert torch.equal(read_activation_cache(path, identity, 4, 8)[0], tensor)
+    assert torch.equal(
+        read_activation_cache(path, identity, 4, d_model=8)[0]["activations"], tensor
+    )
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF  # a value in the body; the header still parses
     path.write_bytes(bytes(data))
-    assert read_activation_cache(path, identity, 4, 8) is None
+    assert read_activation_cache(path, identity, 4, d_model=8) is None
 
 
 def test_cache_of_another_dtype_or_width_is_recomputed(tmp_path):
@@ -236,9 +238,9 @@ def test_cache_of_another_dtype_or_width_is_recomputed(tmp_path):
         ]
     )
     save_tensors(path, {"activations": tensor.half()}, metadata)
-    assert read_activation_cache(path, identity, 4, 8) is None
+    assert read_activation_cache(path, identity, 4, d_model=8) is None
     write_activation_cache(path, tensor, identity)
-    assert read_activation_cache(path, identity, 4, 16) is None  # the model is wider
+    assert read_activation_cache(path, identity, 4, d_model=16) is None  # the model is wider
 
 
 # ------------------------------------------------------------------ 2. non-finite values

@@ -254,3 +254,18 @@ def test_full_instrumentation_still_reads_submodules(tiny_tokenizer):
     before = capture(full, PROMPTS, pool="mean").tensor
     lean = load_model(hf, tokenizer=tiny_tokenizer)  # same weights, residual-only routing
     torch.testing.assert_close(capture(lean, PROMPTS, pool="mean").tensor, before, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_mean_pool_on_cuda_equals_a_float64_mean(tiny_tokenizer):
+    """The CUDA path multiplies bf16 states with float32 accumulation (no float32 copy)."""
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model = load_model(hf, tokenizer=tiny_tokenizer, dtype=torch.bfloat16, device="cuda")
+    tokens = capture(model, PROMPTS, pool="none")
+    for sinks in ("none", "first"):
+        pooled = capture(model, PROMPTS, pool="mean", sinks=sinks, padding_side="left")
+        for i, states in enumerate(tokens.per_text):
+            kept = states[:, 1:] if sinks == "first" and states.shape[1] > 1 else states
+            expected = kept.double().mean(1)  # the bf16 values themselves, averaged in float64
+            torch.testing.assert_close(pooled.tensor[i].double(), expected, rtol=1e-5, atol=1e-5)

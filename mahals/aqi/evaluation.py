@@ -26,11 +26,13 @@ from mahals.aqi.reference import reference_aqi
 from mahals.aqi.report import AQIReport, Mode
 
 if TYPE_CHECKING:
+    from mahals.activations import SinkRule
     from mahals.data import SafetyDataset
     from mahals.models import MahalsModel
 
 __all__ = [
     "DEFAULT_SEED",
+    "default_sinks",
     "embedding_features",
     "evaluate",
     "evaluate_activations",
@@ -59,6 +61,13 @@ def _resolve_mode(mode: str) -> Mode:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     return mode  # type: ignore[return-value]
+
+
+def default_sinks(mode: ModeArgument) -> SinkRule:
+    """The pooling default of :func:`evaluate` and the Phase 1 pipeline: sink-free
+    (``"first"``) for the mahalanobis and geometry scores, plain mean (``"none"``) for the
+    reference mode, which reproduces the original study."""
+    return "none" if mode == "reference" else "first"
 
 
 def length_features(n_tokens: Int[Tensor, " n"] | Sequence[int]) -> Float[Tensor, "n 2"]:
@@ -272,6 +281,7 @@ def evaluate(
     n_bootstrap: int = 200,
     seed: int = DEFAULT_SEED,
     batch_size: int | None = None,
+    sinks: SinkRule | None = None,
     activations: Float[Tensor, "n layer d"] | None = None,
     n_tokens: Int[Tensor, " n"] | Sequence[int] | None = None,
     baselines: Mapping[str, Float[Tensor, "n k"]] | None = None,
@@ -281,7 +291,7 @@ def evaluate(
 ) -> AQIReport:
     """Model + labelled dataset → :class:`AQIReport` in one call.
 
-    Captures mean-pooled residual-stream activations of ``dataset.texts`` at the selected
+    Captures mean-pooled (by default sink-free) residual-stream activations of ``dataset.texts`` at the selected
     layers with :func:`mahals.capture` (reference mode: one layer, by default the last), then
     calls :func:`evaluate_activations` (see there for the other arguments). When it captures
     in mahalanobis mode it also scores two surface baselines on the same folds: ``length``
@@ -293,6 +303,10 @@ def evaluate(
         layer: model layer(s): an int, a list, ``"all"``, or ``None`` (default: every layer;
             the last in reference mode).
         batch_size: capture batch size (default: the registry's).
+        sinks: attention-sink tokens left out of the mean pool (:func:`mahals.capture`):
+            ``None`` (default) = ``"first"`` (each text's first token, the attention sink) in
+            mahalanobis and geometry modes, ``"none"`` (plain mean, as the original study) in
+            reference mode.
         activations: precomputed ``[n_texts, layer, d]`` activations of ``dataset.texts`` (all
             layers, in order) instead of capturing; ``layer`` then selects along their layer
             axis, and ``n_tokens`` / ``baselines`` may be passed for the baselines.
@@ -333,6 +347,7 @@ def evaluate(
         model,
         list(dataset.texts),
         pool="mean",
+        sinks=default_sinks(mode) if sinks is None else sinks,
         layers=None if layer == "all" else layer,
         batch_size=batch_size,
     )

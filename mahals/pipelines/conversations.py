@@ -9,7 +9,7 @@ plain Human/Assistant transcript) or ``"native"`` (each its own format). A pair'
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from mahals.data.hh_rlhf import (
@@ -19,6 +19,7 @@ from mahals.data.hh_rlhf import (
     format_pair_texts,
     load_hh_rlhf,
 )
+from mahals.data.splits import RowSplits, assert_disjoint, row_hash
 from mahals.registry import ModelPair
 from mahals.steering import ANSWERS, Answer
 
@@ -48,13 +49,16 @@ def load_conversations(
     max_chars: int | None,
     min_rows: int,
     seed: int | None = None,
+    extraction_splits: Mapping[str, RowSplits] | None = None,
 ) -> tuple[PreferenceDataset, dict[str, Any]]:
     """``n`` usable conversations of ``source`` and a JSON record of how they were selected.
 
     Conversations whose plain transcripts (with the chosen and with the rejected answer) are
     longer than ``max_chars`` characters are dropped first (``None``: no filter). Then the first
     ``n`` are kept, or ``n`` drawn with ``seed``; fewer than ``n`` → all of them, with a
-    warning, unless fewer than ``min_rows``.
+    warning, unless fewer than ``min_rows``. ``extraction_splits`` (pair key → its
+    :class:`~mahals.data.splits.RowSplits`) keeps only rows in every such pair's
+    ``vector_extraction`` split, checked disjoint from the rows that built or evaluate the pair.
 
     Raises:
         PreferenceDataError: no usable conversation, or fewer than ``min_rows``.
@@ -82,6 +86,12 @@ def load_conversations(
             "  %d of %d conversations are at most %d characters long", len(short), usable, max_chars
         )
         dataset = PreferenceDataset(short, drops, dataset.source)
+    for key, splits in (extraction_splits or {}).items():
+        allowed = splits.split_of("vector_extraction")
+        kept = tuple(pair for pair in dataset if row_hash(pair) in allowed)
+        assert_disjoint(kept, splits.all_except("vector_extraction"), what=f"{key} extraction")
+        log.info("  %d conversations are in pair %s's vector_extraction split", len(kept), key)
+        dataset = PreferenceDataset(kept, drops, dataset.source)
     if len(dataset) < n:
         log.warning(
             "  WARNING: asked for %d conversations, only %d are usable: using all of them",
@@ -103,6 +113,7 @@ def load_conversations(
         "dropped_by_reason": {str(reason): count for reason, count in sorted(drops.counts.items())},
         "drop_summary": drops.summary(),
         "max_chars": max_chars,
+        "row_split": "vector_extraction" if extraction_splits else None,
         "n_samples": len(dataset),
         "first_source_rows": [pair.source_index for pair in dataset.pairs[:10]],
     }

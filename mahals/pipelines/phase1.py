@@ -1,10 +1,14 @@
 """Phase 1 — baseline AQI: score each tuned model on a labelled safe/unsafe prompt set and
 pick the one whose latent space separates safe from unsafe best.
 
-Per model (one at a time, freed before the next): pooled activations of every layer are
-captured once and cached (``embeddings_<key>.safetensors``), then scored with
-:func:`mahals.aqi.evaluate_activations` — principled mode by default (deterministic, comparable
-across models, bootstrap CIs, a curve over depth), or the reference implementation's mode.
+Per model (one at a time, freed before the next): pooled activations of every layer (by default
+sink-free: each text's first token left out) are captured once and cached
+(``embeddings_<key>.safetensors``, with each text's token count and mean-pooled input
+embeddings for the surface baselines), then scored with :func:`mahals.aqi.evaluate_activations`
+— mahalanobis mode by default (cross-validated shrinkage-LDA separation, deterministic,
+comparable across models, bootstrap CIs, a curve over depth, length and embedding baselines),
+the ``geometry`` diagnostic, or the reference implementation's mode. The defaults are
+:func:`mahals.aqi.evaluate`'s.
 Output layout follows the reference implementation's (``phase1_summary.json``,
 ``phase1_aqi_checkpoint.json``, plots, and per model ``result.json`` / ``metrics_summary.json``
 / ``.csv``); every write is atomic and the run resumes from its checkpoint after a crash.
@@ -16,22 +20,29 @@ import argparse
 import csv
 import io
 import logging
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
-from torch import Tensor
 
 from mahals import plots
-from mahals.aqi import AQIReport, evaluate_activations
+from mahals.activations import SINK_RULES, SinkRule
+from mahals.aqi import DEFAULT_SEED, AQIReport, AQIScore, embedding_features, evaluate_activations
+from mahals.aqi.evaluation import default_sinks
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID, SafetyDataError
 from mahals.io import atomic_write_json, atomic_write_text
 from mahals.models import MahalsModel
-from mahals.pipelines.caching import cache_identity, cached_capture, item_identity
+from mahals.pipelines.caching import (
+    N_TOKENS_KEY,
+    CachedBlock,
+    cache_identity,
+    cached_capture,
+    item_identity,
+)
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
@@ -67,6 +78,10 @@ DEFAULT_OUT_DIR = Path("outputs/phase1_baseline_aqi")
 #: Registry study scored when no models are named: the reference implementation's six.
 DEFAULT_STUDY = "seed"
 POOLS = ("mean", "last", "first")
+AQI_MODES = ("mahalanobis", "geometry", "reference")
+#: Surface baseline computed from the model next to its activations (the ``length`` baseline
+#: comes from the cached token counts).
+EMBEDDING_BASELINE = "embedding"
 
 Layers = int | tuple[int, ...] | Literal["all"]
 
@@ -84,14 +99,21 @@ class Phase1Config:
         dataset: hub id or local file.
         dataset_format: ``"litmus"`` (hub id or local csv/jsonl/parquet with ``input`` /
             ``axiom`` / ``safety_label`` columns) or ``"xstest"`` (the XSTest csv or hub id).
-        aqi_mode: ``"principled"`` or ``"reference"``.
-        layers: principled mode scores every layer and reports the headline pooled over
-            ``layers`` (``"all"``: the mean of the per-layer AQIs; one index or several;
-            negative counts from the end); reference mode always scores the last layer.
-        pca_dim: PCA dimension before scoring (principled mode); ``None`` = none.
+        aqi_mode: ``"mahalanobis"`` (default; see docs/aqi.md), ``"geometry"`` (the
+            variance-share diagnostic; ``"principled"`` is its deprecated name) or
+            ``"reference"``.
+        layers: mahalanobis and geometry modes score every layer and report the headline
+            pooled over ``layers`` (``"all"``: the mean of the per-layer AQIs; one index or
+            several; negative counts from the end); reference mode always scores the last layer.
+        n_folds: mahalanobis: stratified cross-validation folds (each class of each axiom needs
+            at least this many rows).
+        pca_dim: geometry mode only: PCA dimension before scoring; ``None`` = none.
         n_bootstrap: bootstrap resamples for the confidence intervals.
-        seed: random seed (row sampling and bootstrap).
+        seed: random seed (row sampling, folds and bootstrap; t-SNE in reference mode).
         pool: token position whose hidden state is taken (``"mean"`` over real tokens).
+        sinks: attention-sink tokens left out of a ``"mean"`` pool (:func:`mahals.capture`);
+            ``None`` = ``"first"`` (each text's first token) in mahalanobis and geometry modes,
+            ``"none"`` in reference mode (the original study's plain mean) or for another pool.
         batch_size: texts per forward pass; ``None`` = each model's registry batch size.
         max_batch_tokens: cap on a batch's padded tokens; ``None`` = no cap.
         use_cache: reuse / write the per-model embeddings cache.
@@ -107,12 +129,14 @@ class Phase1Config:
     per_cell: int | None = None
     dataset: str = LITMUS_HUB_ID
     dataset_format: Literal["litmus", "xstest"] = "litmus"
-    aqi_mode: Literal["principled", "reference"] = "principled"
+    aqi_mode: Literal["mahalanobis", "geometry", "reference"] = "mahalanobis"
     layers: Layers = "all"
+    n_folds: int = 5
     pca_dim: int | None = None
     n_bootstrap: int = 200
-    seed: int = 42
+    seed: int = DEFAULT_SEED
     pool: str = "mean"
+    sinks: SinkRule | None = None
     batch_size: int | None = None
     max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS
     use_cache: bool = True
@@ -132,6 +156,26 @@ class Phase1Config:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.aqi_mode == "principled":
+            warnings.warn(
+                "aqi_mode='principled' is the variance-share score, now aqi_mode='geometry'",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "aqi_mode", "geometry")
+        if self.aqi_mode not in AQI_MODES:
+            raise ValueError(f"aqi_mode must be one of {AQI_MODES}, got {self.aqi_mode!r}")
+        if self.sinks is None:
+            sinks = default_sinks(self.aqi_mode) if self.pool == "mean" else "none"
+            object.__setattr__(self, "sinks", sinks)
+        if self.sinks not in SINK_RULES:
+            raise ValueError(f"sinks must be one of {SINK_RULES}, got {self.sinks!r}")
+        if self.sinks != "none" and self.pool != "mean":
+            raise ValueError(f"sinks={self.sinks!r} applies to pool='mean' only, not {self.pool!r}")
+        if self.pca_dim is not None and self.aqi_mode != "geometry":
+            raise ValueError(f"pca_dim applies to aqi_mode='geometry' only, not {self.aqi_mode!r}")
+        if self.n_folds < 2:
+            raise ValueError(f"n_folds must be >= 2, got {self.n_folds}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -144,10 +188,12 @@ class Phase1Config:
             "dataset_format",
             "aqi_mode",
             "layers",
+            "n_folds",
             "pca_dim",
             "n_bootstrap",
             "seed",
             "pool",
+            "sinks",
         )
         return {key: getattr(self, key) for key in keys}
 
@@ -187,8 +233,10 @@ def _embeddings_path(config: Phase1Config, key: str) -> Path:
 
 def _embeddings(
     config: Phase1Config, key: str, spec: ModelSpec, dataset: SafetyDataset, slot: ModelSlot
-) -> Float[Tensor, "n layer d_model"]:
-    """``[n, layer, d_model]`` pooled activations of ``dataset.texts``, cached per model."""
+) -> CachedBlock:
+    """``[n, layer, d_model]`` pooled activations of ``dataset.texts``, cached per model with
+    each text's token count (``extra["n_tokens"]``) and mean-pooled input embeddings
+    (``extra["embedding"]``, ``[n, d_model]``) for the surface baselines."""
     path = _embeddings_path(config, key)
     batch_size = config.batch_size or spec.batch_size
 
@@ -197,40 +245,57 @@ def _embeddings(
 
     block = cached_capture(
         path,
-        cache_identity(spec, config.pool, dataset.texts),
+        cache_identity(spec, config.pool, dataset.texts, sinks=str(config.sinks)),
         dataset.texts,
         lambda: slot.get(spec),
         pool=config.pool,
+        sinks=config.sinks,
         batch_size=batch_size,
         max_batch_tokens=config.max_batch_tokens,
         use_cache=config.use_cache,
         progress=config.progress,
         d_model=spec.d_model,
         before_capture=announce,
+        extra_tensors={EMBEDDING_BASELINE: lambda model: embedding_features(model, dataset.texts)},
     )
     slot.release()
     if block.reused:
         log.info("Reusing cached embeddings: %s", path)
-    return block.tensor
+    return block
 
 
-def _score(
-    config: Phase1Config, key: str, activations: Tensor, dataset: SafetyDataset
-) -> AQIReport:
-    reference = config.aqi_mode == "reference"
+def _score(config: Phase1Config, key: str, block: CachedBlock, dataset: SafetyDataset) -> AQIReport:
+    """The model's :class:`AQIReport` with :func:`mahals.aqi.evaluate`'s settings; mahalanobis
+    mode also scores the ``length`` and ``embedding`` surface baselines on the same folds."""
+    mode = config.aqi_mode
+    mahalanobis_options: dict[str, Any] = {}
+    if mode == "mahalanobis":
+        mahalanobis_options = {
+            "n_tokens": block.extra[N_TOKENS_KEY],
+            "baselines": {EMBEDDING_BASELINE: block.extra[EMBEDDING_BASELINE]},
+            "n_folds": config.n_folds,
+            "shrinkage": "oas",
+        }
     return evaluate_activations(
-        activations,
+        block.tensor,
         dataset.axioms,
         dataset.labels,
-        mode=config.aqi_mode,
-        layer=-1 if reference else config.layers,
-        pca_dim=None if reference else config.pca_dim,
+        mode=mode,
+        layer=-1 if mode == "reference" else config.layers,
+        pca_dim=config.pca_dim,
+        **mahalanobis_options,
         n_bootstrap=config.n_bootstrap,
         seed=config.seed,
         device="cuda" if torch.cuda.is_available() else None,
         model_name=key,
         dataset_name=dataset.name,
     )
+
+
+def _gain(score: AQIScore) -> float | None:
+    """The score minus the best surface baseline's (mahalanobis mode; ``None`` otherwise): what
+    the model's processing adds to what the prompts' surface form already separates."""
+    return score.aqi - max(score.baselines.values()) if score.baselines else None
 
 
 def _result(report: AQIReport, key: str, spec: ModelSpec, display: str) -> dict[str, Any]:
@@ -245,6 +310,10 @@ def _result(report: AQIReport, key: str, spec: ModelSpec, display: str) -> dict[
         "XB_norm": overall.xb_norm,
         "CHI_raw": overall.chi_raw,
         "XB_raw": overall.xb_raw,
+        "AUC": overall.auc,
+        "eta2": overall.eta2,
+        "baselines": overall.baselines,
+        "gain_over_best_baseline": _gain(overall),
         "ci95": [overall.ci_low, overall.ci_high] if overall.ci_low is not None else None,
         "per_axiom": {axiom: report[axiom].aqi for axiom in report.axioms},
         "layer_curve": list(overall.layer_aqi) if overall.layer_aqi else None,
@@ -253,37 +322,36 @@ def _result(report: AQIReport, key: str, spec: ModelSpec, display: str) -> dict[
 
 
 def _metrics_csv(report: AQIReport) -> str:
+    """One row per category: the mode's numbers (mahalanobis: AUC, η², baselines and the gain
+    over the best; otherwise CHI and XB), the interval and the cell sizes."""
+    columns: list[tuple[str, Callable[[AQIScore], Any]]] = [
+        ("AQI", lambda s: s.aqi),
+        ("ci_low", lambda s: s.ci_low),
+        ("ci_high", lambda s: s.ci_high),
+    ]
+    if report.mode == "mahalanobis":
+        columns += [("AUC", lambda s: s.auc), ("eta2", lambda s: s.eta2)]
+        columns += [
+            (f"baseline_{name}", lambda s, name=name: s.baselines[name])
+            for name in report.overall.baselines or {}
+        ]
+        columns.append(("gain_over_best_baseline", _gain))
+    else:
+        columns += [
+            (name, lambda s, field=field: getattr(s, field))
+            for name, field in (
+                ("CHI_raw", "chi_raw"),
+                ("XB_raw", "xb_raw"),
+                ("CHI_norm", "chi_norm"),
+                ("XB_norm", "xb_norm"),
+            )
+        ]
+    columns += [("n_safe", lambda s: s.n_safe), ("n_unsafe", lambda s: s.n_unsafe)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "category",
-            "AQI",
-            "CHI_raw",
-            "XB_raw",
-            "CHI_norm",
-            "XB_norm",
-            "ci_low",
-            "ci_high",
-            "n_safe",
-            "n_unsafe",
-        ]
-    )
+    writer.writerow(["category", *(name for name, _ in columns)])
     for name, score in report.scores.items():
-        writer.writerow(
-            [
-                name,
-                score.aqi,
-                score.chi_raw,
-                score.xb_raw,
-                score.chi_norm,
-                score.xb_norm,
-                score.ci_low,
-                score.ci_high,
-                score.n_safe,
-                score.n_unsafe,
-            ]
-        )
+        writer.writerow([name, *(value(score) for _, value in columns)])
     return buffer.getvalue()
 
 
@@ -296,8 +364,8 @@ def _evaluate_model(
     slot: ModelSlot,
 ) -> dict[str, Any]:
     banner(log, f"Evaluating: {display}", f"HF Repo: {spec.source}")
-    activations = _embeddings(config, key, spec, dataset, slot)
-    report = _score(config, key, activations, dataset)
+    block = _embeddings(config, key, spec, dataset, slot)
+    report = _score(config, key, block, dataset)
     folder = config.out_dir / key
     report.to_json(folder / "metrics_summary.json")
     atomic_write_text(folder / "metrics_summary.csv", _metrics_csv(report))
@@ -305,7 +373,19 @@ def _evaluate_model(
     atomic_write_json(folder / "result.json", result)
     ci = f" (95% CI {result['ci95'][0]:.2f}–{result['ci95'][1]:.2f})" if result["ci95"] else ""
     log.info("AQI: %.2f%s", result["AQI"], ci)
+    if result["baselines"]:
+        log.info(
+            "AUC: %.3f | eta2: %.3f | baselines: %s | gain over the best: %.2f",
+            result["AUC"],
+            result["eta2"],
+            ", ".join(f"{name} {value:.2f}" for name, value in result["baselines"].items()),
+            result["gain_over_best_baseline"],
+        )
     return result
+
+
+def _interval(bounds: Sequence[float] | None) -> str:
+    return "–".join(f"{v:.1f}" for v in bounds) if bounds else "-"
 
 
 def _log_results(results: Mapping[str, Mapping[str, Any]], aqi_mode: str) -> str | None:
@@ -313,22 +393,34 @@ def _log_results(results: Mapping[str, Mapping[str, Any]], aqi_mode: str) -> str
     banner(log, "PHASE 1 RESULTS: Baseline AQI Scores")
     ranked = sorted(results.values(), key=lambda r: -r["AQI"])
     if aqi_mode == "reference":
-        headers, rows = (
-            ("Model", "AQI", "CHI_norm", "XB_norm"),
-            [(r["model"], r["AQI"], r["CHI_norm"], r["XB_norm"]) for r in ranked],
-        )
-    else:
-        headers = ("Model", "AQI", "95% CI", "CHI_raw")
+        headers, widths = ("Model", "AQI", "CHI_norm", "XB_norm"), (24, 11, 15, 13)
+        rows = [(r["model"], r["AQI"], r["CHI_norm"], r["XB_norm"]) for r in ranked]
+    elif aqi_mode == "mahalanobis":
+        names = list(ranked[0]["baselines"]) if ranked else []
+        headers = ("Model", "AQI", "95% CI", "AUC", "eta2", *names, "gain")
+        widths = (24, 9, 14, 8, 8, *(max(10, len(n) + 2) for n in names), 8)
         rows = [
             (
                 r["model"],
                 r["AQI"],
-                "–".join(f"{v:.1f}" for v in r["ci95"]) if r["ci95"] else "-",
-                r["CHI_raw"],
+                _interval(r["ci95"]),
+                r["AUC"],
+                r["eta2"],
+                *(r["baselines"][name] for name in names),
+                r["gain_over_best_baseline"],
             )
             for r in ranked
         ]
-    table(log, headers, (24, 11, 15, 13), rows)
+    else:
+        headers, widths = ("Model", "AQI", "95% CI", "CHI_raw"), (24, 11, 15, 13)
+        rows = [(r["model"], r["AQI"], _interval(r["ci95"]), r["CHI_raw"]) for r in ranked]
+    table(log, headers, widths, rows)
+    if aqi_mode == "mahalanobis" and ranked:
+        log.info(
+            "AQI = 100·(2·AUC − 1) of held-out shrinkage-LDA projections (0 = chance); %s: the "
+            "same score on surface features; gain = AQI − the best of them.",
+            " / ".join(names),
+        )
     if not ranked:
         log.info("No model evaluated.")
         return None
@@ -456,12 +548,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", default=LITMUS_HUB_ID, help="hub id or local csv/jsonl/parquet"
     )
     parser.add_argument("--dataset-format", choices=["litmus", "xstest"], default="litmus")
-    parser.add_argument("--aqi-mode", choices=["principled", "reference"], default="principled")
+    parser.add_argument(
+        "--aqi-mode", choices=[*AQI_MODES, "principled"], default="mahalanobis",
+        help="mahalanobis (default: cross-validated shrinkage-LDA separation, see docs/aqi.md), "
+        "geometry (variance-share diagnostic; 'principled' is its deprecated name) or reference",
+    )  # fmt: skip
     parser.add_argument(
         "--layers", "--layer", nargs="+", default=["all"], metavar="LAYER",
         help="'all' (mean over layers) or layer indices for the headline AQI",
     )  # fmt: skip
-    parser.add_argument("--pca-dim", type=int)
+    parser.add_argument(
+        "--folds", type=int, default=5, dest="n_folds",
+        help="mahalanobis: stratified cross-validation folds (default 5)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sinks", choices=SINK_RULES,
+        help="attention-sink tokens left out of the mean pool: 'first' token (default for "
+        "mahalanobis/geometry), 'norm' (also tokens far above the median norm) or 'none' "
+        "(default for reference, the original study's plain mean)",
+    )  # fmt: skip
+    parser.add_argument("--pca-dim", type=int, help="geometry mode: PCA dimension first")
     parser.add_argument("--bootstrap", type=int, default=200, dest="n_bootstrap")
     add_run_arguments(
         parser,
@@ -469,8 +575,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         out=DEFAULT_OUT_DIR,
         pool="mean",
         pools=POOLS,
-        seed=42,
-        seed_help="random seed of row sampling and bootstrap (default 42)",
+        seed=DEFAULT_SEED,
+        seed_help=f"random seed of row sampling, folds and bootstrap (default {DEFAULT_SEED})",
     )
 
 
@@ -494,6 +600,8 @@ def config_from_args(args: argparse.Namespace) -> Phase1Config:
         dataset_format=args.dataset_format,
         aqi_mode=args.aqi_mode,
         layers=_parse_layers(args.layers),
+        n_folds=args.n_folds,
+        sinks=args.sinks,
         pca_dim=args.pca_dim,
         n_bootstrap=args.n_bootstrap,
         **run_options(args),

@@ -37,6 +37,7 @@ from mahals._version import __version__
 from mahals.data.hh_rlhf import HH_RLHF_HUB_ID, PairingRule, PreferenceDataError, PreferenceDataset
 from mahals.io import atomic_write_json
 from mahals.models import load_tokenizer
+from mahals.pairs import pair_row_splits
 from mahals.pipelines.caching import item_identity
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.common import (
@@ -316,6 +317,11 @@ def run_phase2(
     pairs = {key: registry.pair(key) for key in pair_keys}
     _log_header(config, pair_keys)
 
+    # Pairs built from hashed row splits (the DPO demo pair) extract only from their
+    # vector_extraction rows, never from rows that trained or will evaluate the pair.
+    extraction_splits = {
+        key: splits for key, pair in pairs.items() if (splits := pair_row_splits(pair)) is not None
+    }
     loaded: list[tuple[PreferenceDataset, dict[str, Any]]] = []
 
     def conversations() -> tuple[PreferenceDataset, dict[str, Any]]:
@@ -329,6 +335,7 @@ def run_phase2(
                     max_chars=config.max_chars,
                     min_rows=config.min_samples,
                     seed=config.seed,
+                    extraction_splits=extraction_splits,
                 )
             )
         return loaded[0]
