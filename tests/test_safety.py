@@ -459,3 +459,28 @@ def test_unwritable_output_folder_is_refused_before_any_model_loads(study):
 
     with pytest.raises(NotADirectoryError):
         phase1.run_phase1(_config(data, root / "a-file" / "out"), loader=no_model)
+
+
+def test_empty_non_utf8_and_non_gzip_data_files_are_named(tmp_path):
+    import gzip
+
+    from mahals.data import load_litmus
+    from mahals.data.hh_rlhf import PreferenceDataError, load_hh_rlhf
+    from mahals.data.safety import SafetyDataError
+
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(SafetyDataError, match="empty.csv is empty"):
+        load_litmus(str(empty), mode=None)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"input,axiom,safety_label\nok,a,safe\ncaf\xe9,a,safe\n")
+    with pytest.raises(SafetyDataError, match=r"latin.csv:3 is not UTF-8"):
+        load_litmus(str(latin), mode=None)
+    fake = tmp_path / "test.jsonl.gz"
+    fake.write_bytes(b"not gzip at all")
+    with pytest.raises(PreferenceDataError, match="test.jsonl.gz: not a gzip file"):
+        load_hh_rlhf(str(fake), split="test")
+    whole = gzip.compress(b'{"chosen": "x", "rejected": "y"}\n' * 2000)
+    fake.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PreferenceDataError, match="test.jsonl.gz: truncated gzip"):
+        load_hh_rlhf(str(fake), split="test")
