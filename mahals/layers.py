@@ -12,13 +12,15 @@ LayerSelection = int | Sequence[int] | Literal["all"] | None
 
 
 def select_layers(
-    layers: LayerSelection, n_layers: int, *, argument: str = "layers"
+    layers: LayerSelection | object, n_layers: int, *, argument: str = "layers"
 ) -> tuple[int, ...]:
     """Model-layer indices chosen by ``layers`` in a model of ``n_layers`` layers.
 
     Args:
         layers: ``None`` or ``"all"`` (every layer), one index, or a sequence of indices;
-            negative indices count from the end (``-1`` = the last layer).
+            negative indices count from the end (``-1`` = the last layer). NumPy integers
+            count as ints; anything else is refused here with a clear message (hence the
+            annotation accepts any object).
         n_layers: number of layers of the model (or of the captured block).
         argument: the caller's argument name, used in error messages.
 

@@ -100,12 +100,17 @@ def test_resume_after_the_dataset_changed_recomputes_the_finished_model(study):
 def test_fresh_run_after_the_weights_changed_does_not_reuse_the_embeddings(study, tiny_tokenizer):
     root, data = study
     out = root / "out"
-    first = _run(_config(data, out))
+    _run(_config(data, out))
+    cache = out / "tiny-a" / "embeddings_tiny-a.safetensors"
+    before = load_tensors(cache)["activations"]
     _save_tiny(root / "models" / "tiny-a", tiny_tokenizer, seed=7)  # new weights, same path
     again = _run(_config(data, out, checkpoint="fresh"))
     independent = _run(_config(data, root / "clean"))
     assert again.results == independent.results
-    assert again.results["tiny-a"]["AQI"] != first.results["tiny-a"]["AQI"]
+    after = load_tensors(cache)["activations"]
+    assert not torch.equal(after, before)
+    clean = load_tensors(root / "clean" / "tiny-a" / "embeddings_tiny-a.safetensors")
+    assert torch.equal(after, clean["activations"])
 
 
 def test_finished_model_whose_result_file_was_deleted_is_computed_again(study):
