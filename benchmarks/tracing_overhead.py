@@ -42,15 +42,20 @@ from mahals.models import load_model  # noqa: E402
 SHAPES_TO_TIME = [(16, 256, 8), (32, 512, 3), (64, 64, 12), (4, 128, 40)]
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, batches, repeats: int) -> float:
     fn(batches[0])
     best = float("inf")
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         for batch in batches:
             fn(batch)
-        torch.cuda.synchronize()
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -80,9 +85,13 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write the small-batch cProfile table to this file")
     parser.add_argument("--steering", action="store_true", help="also time steered capture")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device("cpu" if args.smoke else "cuda")
     config = SHAPES["llama"]()
+    if args.smoke:
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 64, 128
+        config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 256
     with device:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     hf.eval()
@@ -114,7 +123,7 @@ def main() -> None:
         from mahals.steering import Steering, SteeringVector, steer
 
         vector = SteeringVector(
-            torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(27, 32)), base_model="random",
+            torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(hf.config.num_hidden_layers - 5, hf.config.num_hidden_layers)), base_model="random",
             tuned_model="random", dataset="none", pool="last", n_samples=1,
         )
 
@@ -123,8 +132,8 @@ def main() -> None:
                 mahals_capture(ids)
 
         methods["steered"] = steered
-    card = torch.cuda.get_device_name()
-    for batch, seq, n in SHAPES_TO_TIME:
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
+    for batch, seq, n in [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME:
         batches = [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
         results = {}
         for name, fn in methods.items():
@@ -149,22 +158,22 @@ def main() -> None:
         )
         models["lean"] = load_model(hf, tokenizer=tokenizer, verbose=False)
         row = {
-            "date": datetime.date.today().isoformat(), "card": card, "shape": "llama-3.1-8b", "batch": batch,
+            "date": datetime.date.today().isoformat(), "card": card, "shape": "llama-3.1-8b" if not args.smoke else "tiny", "batch": batch,
             "seq": seq, "batches": n, "tok_per_s": {k: round(v) for k, v in results.items()},
             "ratio_to_decoder": {k: round(v / results["decoder"], 4) for k, v in results.items()},
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
         report(row, args.json)
     if args.profile:
-        ids = torch.randint(10, 200, (4, 128), generator=generator).to(device)
+        ids = torch.randint(10, 200, (4, 16 if args.smoke else 128), generator=generator).to(device)
         sections = []
         for name, fn in (("decoder alone", floor), ("mahals.capture", mahals_capture)):
             profiler = cProfile.Profile()
-            torch.cuda.synchronize()
+            synchronize()
             profiler.enable()
             for _ in range(20):
                 fn(ids)
-            torch.cuda.synchronize()
+            synchronize()
             profiler.disable()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
