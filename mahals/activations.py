@@ -31,6 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mahals.layers import select_layers
 from mahals.models import MahalsModel
 from mahals.tracing import Batch, Intervention, LayerReader, run_trace
 
@@ -122,6 +123,7 @@ def tokenize(
     """
     if isinstance(inputs, str):
         raise TypeError("capture takes a list of texts, not one string: wrap it as [text]")
+    _check_positive("max_length", max_length)
     if isinstance(inputs, Mapping):
         ids = torch.as_tensor(inputs["input_ids"])
         mask = torch.as_tensor(inputs.get("attention_mask", torch.ones_like(ids)))
@@ -148,10 +150,34 @@ def tokenize(
     empty = [i for i, seq in enumerate(sequences) if len(seq) == 0]
     if empty:
         raise ValueError(f"inputs at rows {empty[:10]} have no tokens")
+    vocab = model.config.vocab_size
+    bad_ids = [i for i, seq in enumerate(sequences) if min(seq) < 0 or max(seq) >= vocab]
+    if bad_ids:
+        raise ValueError(
+            f"inputs at rows {bad_ids[:10]} hold token ids outside 0..{vocab - 1} "
+            f"(the vocabulary of {model.name!r})"
+        )
     if max_length is not None:
         keep_end = getattr(model.tokenizer, "truncation_side", "right") == "left"
         sequences = [seq[-max_length:] if keep_end else seq[:max_length] for seq in sequences]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = [i for i, seq in enumerate(sequences) if limit and len(seq) > limit]
+    if too_long:
+        raise ValueError(
+            f"inputs at rows {too_long[:10]} are longer than the {limit} positions of "
+            f"{model.name!r}: pass max_length={limit} (or less) to truncate them"
+        )
     return [list(seq) for seq in sequences]
+
+
+def _check_positive(argument: str, value: object) -> None:
+    """``value`` must be ``None`` or an int ≥ 1 (``True`` and ``2.0`` are refused)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{argument} must be >= 1, got {value}")
 
 
 def _check_texts(texts: Sequence) -> None:
@@ -195,18 +221,7 @@ def _chat_tokens(
 
 
 def _resolve_layers(model: MahalsModel, layers) -> tuple[int, ...]:
-    n = model.n_layers
-    if layers is None:
-        return tuple(range(n))
-    requested = [layers] if isinstance(layers, int) else list(layers)
-    if not requested:
-        raise ValueError("layers is empty: pass None for all layers")
-    bad = [layer for layer in requested if not isinstance(layer, int) or not -n <= layer < n]
-    if bad:
-        raise IndexError(
-            f"layers {bad} out of range for {model.name!r}, which has {n} layers (0..{n - 1})"
-        )
-    return tuple(sorted({layer % n for layer in requested}))
+    return select_layers(layers, model.n_layers)
 
 
 def plan_batches(
@@ -286,8 +301,10 @@ def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0
             per_batch["rows"] = torch.arange(batch.size, device=hidden.device)
             per_batch["mask"] = None
             if pool == "mean" and sinks != "norm":
-                mask = batch.token_mask() if sinks == "none" else _sink_free_mask(
-                    hidden, batch, sinks, norm_ratio
+                mask = (
+                    batch.token_mask()
+                    if sinks == "none"
+                    else _sink_free_mask(hidden, batch, sinks, norm_ratio)
                 )
                 per_batch["mask"] = (_bmm_mask(mask, hidden), mask.sum(-1, keepdim=True))
         if pool == "mean":
@@ -356,6 +373,8 @@ def capture(
     if padding_side not in ("right", "left"):
         raise ValueError(f"padding_side={padding_side!r} must be 'right' or 'left'")
     layer_ids = _resolve_layers(model, layers)
+    _check_positive("batch_size", batch_size)
+    _check_positive("max_batch_tokens", max_batch_tokens)
     sequences = tokenize(
         model, inputs, chat=chat, add_generation_prompt=add_generation_prompt, max_length=max_length
     )
@@ -403,10 +422,10 @@ def capture(
             # Land the previous batch only now: its copy finished long ago, while this batch's
             # kernels keep the GPU busy as the host prepares the next one.
             if in_flight is not None:
-                in_flight.land(out)
+                in_flight.land(out, model, layer_ids)
             in_flight = staged
             bar.update(len(rows))
-        in_flight.land(out)
+        in_flight.land(out, model, layer_ids)
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
 
 
@@ -417,18 +436,36 @@ class _Staged:
     rows: list[int]
     host: Tensor
     done: torch.cuda.Event | None
+    finite: Tensor | None = None
 
     @classmethod
     def start(cls, rows: list[int], pooled: Tensor, on_cuda: bool) -> _Staged:
+        # One on-device reduction per batch; read on the host only once the copy has landed.
+        finite = torch.isfinite(pooled).all()
         if not on_cuda:
-            return cls(rows, pooled, None)
+            return cls(rows, pooled, None, finite)
         host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(pooled, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return cls(rows, host, done)
+        return cls(rows, host, done, finite)
 
-    def land(self, out: Tensor) -> None:
+    def check_finite(self, model: MahalsModel, layer_ids: Sequence[int]) -> None:
+        """Raise if the batch holds NaN or infinity, naming the model, layers and rows."""
         if self.done is not None:
             self.done.synchronize()
+        if self.finite is None or bool(self.finite):
+            return
+        bad = ~torch.isfinite(self.host.cpu())  # [batch, layers, d_model]
+        layers = [layer_ids[i] for i in torch.nonzero(bad.any(dim=(0, 2))).flatten().tolist()]
+        rows = [self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist()]
+        raise FloatingPointError(
+            f"model {model.name!r} ({str(model.dtype).removeprefix('torch.')}) produced NaN or "
+            f"infinite activations at layers {layers[:10]} for input rows {rows[:20]}"
+            f"{' …' if len(rows) > 20 else ''}: an overflow; load it in bfloat16 or float32 "
+            "(load_model(..., dtype=torch.bfloat16))"
+        )
+
+    def land(self, out: Tensor, model: MahalsModel, layer_ids: Sequence[int]) -> None:
+        self.check_finite(model, layer_ids)
         out[torch.tensor(self.rows)] = self.host

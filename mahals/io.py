@@ -7,6 +7,7 @@ one, never a partial file. Tensors are stored as safetensors (never pickle).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "load_tensors",
     "save_tensors",
+    "tensor_sha256",
 ]
 
 
@@ -61,8 +63,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as indented JSON atomically.
+
+    Raises:
+        ValueError: ``obj`` holds NaN or an infinity (not valid JSON; a score that is not a
+            number is an error to report, not a value to store).
+    """
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    except ValueError as error:
+        raise ValueError(f"refusing to write {path}: {error} (NaN or infinity)") from error
+    return atomic_write_text(path, text + "\n")
 
 
 def save_tensors(
@@ -75,9 +86,22 @@ def save_tensors(
     return atomic_write_bytes(path, save(payload, metadata=dict(metadata) if metadata else None))
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: the content checksum stored with cached
+    and saved tensors and verified when they are read back."""
+    data = tensor.detach().contiguous().cpu()
+    digest = hashlib.sha256(f"{data.dtype}:{tuple(data.shape)}:".encode())
+    if data.numel():
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file written by :func:`save_tensors`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no safetensors file at {path}")
-    return load_file(path)
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' own errors do not name the file
+        raise ValueError(f"{path}: not a readable safetensors file ({error})") from error

@@ -1,4 +1,4 @@
-"""Layer selection, one rule for the whole library: sorted, deduplicated, clear errors."""
+"""Layer selection, one rule for the whole library: sorted, no repeats, clear errors."""
 
 from __future__ import annotations
 
@@ -12,22 +12,26 @@ LayerSelection = int | Sequence[int] | Literal["all"] | None
 
 
 def select_layers(
-    layers: LayerSelection, n_layers: int, *, argument: str = "layers"
+    layers: LayerSelection | object, n_layers: int, *, argument: str = "layers"
 ) -> tuple[int, ...]:
     """Model-layer indices chosen by ``layers`` in a model of ``n_layers`` layers.
 
     Args:
         layers: ``None`` or ``"all"`` (every layer), one index, or a sequence of indices;
-            negative indices count from the end (``-1`` = the last layer).
+            negative indices count from the end (``-1`` = the last layer). NumPy integers
+            count as ints; anything else is refused here with a clear message (hence the
+            annotation accepts any object).
         n_layers: number of layers of the model (or of the captured block).
         argument: the caller's argument name, used in error messages.
 
     Returns:
-        Distinct non-negative indices in increasing order (a repeated layer counts once).
+        Distinct non-negative indices in increasing order.
 
     Raises:
         TypeError: an index is not an int (``True``, ``1.0`` and ``"3"`` are refused).
-        ValueError: the selection is empty, or a string other than ``"all"``.
+        ValueError: the selection is empty, a string other than ``"all"``, or names a layer
+            twice (``[4, -1]`` in a 5-layer model included): a repeat is a mistake in the
+            caller's list, never silently merged.
         IndexError: an index is outside ``-n_layers .. n_layers - 1``.
     """
     if layers is None or layers == "all":
@@ -50,4 +54,8 @@ def select_layers(
             f"{argument} {out_of_range} out of range for {n_layers} layers "
             f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end)"
         )
-    return tuple(sorted({int(index) % n_layers for index in requested}))
+    resolved = [int(index) % n_layers for index in requested]
+    repeated = sorted({index for index in resolved if resolved.count(index) > 1})
+    if repeated:
+        raise ValueError(f"{argument} {list(requested)!r} name layers {repeated} more than once")
+    return tuple(sorted(resolved))

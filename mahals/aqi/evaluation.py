@@ -82,6 +82,7 @@ def length_features(n_tokens: Int[Tensor, " n"] | Sequence[int]) -> Float[Tensor
 
 
 def _check_finite(layered: Tensor, positions: Sequence[int], layer_ids: Sequence[int]) -> None:
+    """Refuse NaN/inf and zero-variance layers (whose scores would be NaN), naming them."""
     for position in positions:
         finite = torch.isfinite(layered[:, position]).all(-1)
         if not bool(finite.all()):
@@ -89,6 +90,12 @@ def _check_finite(layered: Tensor, positions: Sequence[int], layer_ids: Sequence
             raise ValueError(
                 f"activations are not finite at row {row}, layer {layer_ids[position]} "
                 f"(position {position} of the layer axis)"
+            )
+        if not bool((layered[:, position] != layered[:1, position]).any()):
+            raise ValueError(
+                f"layer {layer_ids[position]} is degenerate: every row has the same activations "
+                "(zero variance), so CHI, XB and AQI are undefined there; leave it out with "
+                "layer=[...]"
             )
 
 

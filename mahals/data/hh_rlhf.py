@@ -40,6 +40,7 @@ import gzip
 import json
 import re
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -314,15 +315,26 @@ def parse_hh_rlhf_rows(
 def _read_jsonl(path: Path) -> Iterator[tuple[str, object]]:
     """(``path:line``, parsed row) for every non-blank line; bad JSON yields an unreadable row."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row: object = json.loads(line)
-            except json.JSONDecodeError as error:
-                row = _UnreadableLine(f"invalid JSON ({error})")
-            yield f"{path}:{line_number}", row
+    line_number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row: object = json.loads(line)
+                except json.JSONDecodeError as error:
+                    row = _UnreadableLine(f"invalid JSON ({error})")
+                yield f"{path}:{line_number}", row
+    except UnicodeDecodeError as error:
+        raise PreferenceDataError(
+            f"{path}: line {line_number + 1} is not UTF-8 text ({error.reason})"
+        ) from error
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        what = "not a gzip file" if isinstance(error, gzip.BadGzipFile) else "truncated gzip data"
+        raise PreferenceDataError(
+            f"{path}: {what} after line {line_number} ({error}); download it again"
+        ) from error
 
 
 def _local_files(root: Path, *, data_dir: str | None, split: str) -> list[Path]:

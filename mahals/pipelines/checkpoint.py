@@ -117,9 +117,10 @@ def ask_checkpoint_choice(
 
 
 def _json_roundtrip(obj: Any, what: str) -> Any:
-    """``obj`` as it will read back from JSON (tuples become lists); refuses non-JSON values."""
+    """``obj`` as it will read back from JSON (tuples become lists); refuses non-JSON values,
+    NaN and infinities included (they are not JSON)."""
     try:
-        return json.loads(json.dumps(obj, allow_nan=True))
+        return json.loads(json.dumps(obj, allow_nan=False))
     except (TypeError, ValueError) as err:
         raise TypeError(f"{what} must be JSON-serialisable: {err}") from err
 
@@ -319,11 +320,28 @@ class Checkpoint:
             raise KeyError(f"no checkpointed result for {item!r} in {self.path}")
         return self._entries[item]["completed_at"]
 
-    def record(self, item: str, result: Any, *, started_at: datetime | None = None) -> None:
+    def identity(self, item: str) -> dict[str, str]:
+        """What ``item``'s result was computed from, as recorded with it (empty if nothing)."""
+        return dict(self._entries.get(item, {}).get("identity", {}))
+
+    def forget(self, item: str) -> None:
+        """Make ``item`` pending again (its result no longer stands); the file is rewritten at
+        the next :meth:`record`."""
+        self._entries.pop(item, None)
+
+    def record(
+        self,
+        item: str,
+        result: Any,
+        *,
+        started_at: datetime | None = None,
+        identity: Mapping[str, str] | None = None,
+    ) -> None:
         """Store ``item``'s JSON-able ``result`` and rewrite the checkpoint file atomically.
 
         ``result`` is kept as it reads back from JSON, so :meth:`result` returns the same
-        value before and after a reopen. ``started_at`` (aware datetime) is stored if given.
+        value before and after a reopen. ``started_at`` (aware datetime) is stored if given;
+        ``identity`` (what the result was computed from) too.
         """
         if item not in self.items:
             raise ValueError(f"{item!r} is not one of this checkpoint's items {list(self.items)}")
@@ -334,6 +352,8 @@ class Checkpoint:
         entry: dict[str, Any] = {"result": _json_roundtrip(result, f"the result of {item!r}")}
         if started_at is not None:
             entry["started_at"] = started_at.astimezone(UTC).isoformat(timespec="seconds")
+        if identity is not None:
+            entry["identity"] = dict(identity)
         entry["completed_at"] = utc_timestamp()
         self._entries[item] = entry
         self._write()

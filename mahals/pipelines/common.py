@@ -4,13 +4,19 @@ return, and the command-line options and error handling of ``mahals phase1`` / `
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
+import functools
+import logging
+import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mahals.pipelines.checkpoint import (
     Checkpoint,
@@ -22,13 +28,19 @@ from mahals.registry import RegistryError
 
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
+    "LOCK_NAME",
     "CheckpointedRun",
+    "OutputFolderLocked",
     "RunSummary",
+    "holds_output_lock",
+    "lock_output_folder",
     "add_run_arguments",
     "run_options",
     "run_checkpointed",
     "run_command",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH_TOKENS = 4096
 """Padded tokens per forward pass: keeps activation memory near 1-2 GB on 7-9B models while an
@@ -36,7 +48,88 @@ H100 still runs at full throughput (see benchmarks/README.md)."""
 
 #: Errors a user can fix (bad file, key, checkpoint or setting): the CLI prints them on one
 #: line and exits with status 2; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, RegistryError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    CheckpointError,
+    RegistryError,
+    FileNotFoundError,
+    PermissionError,  # an output folder that cannot be written: found before any model loads
+    NotADirectoryError,
+    FloatingPointError,  # non-finite activations: the message says which dtype to use
+)
+
+LOCK_NAME = ".mahals.lock"
+"""The lock file of an output folder: one writer at a time (:func:`lock_output_folder`)."""
+
+
+class OutputFolderLocked(CheckpointError):
+    """Another process holds the output folder's lock (it is writing a run there)."""
+
+
+_held_locks: dict[Path, int] = {}
+"""Output folders locked by this process → how many nested holders (the lock is reentrant)."""
+
+
+@contextlib.contextmanager
+def lock_output_folder(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold the exclusive lock of ``out_dir`` for the duration of the block.
+
+    The lock is an OS lock (``fcntl.flock``) on ``out_dir/.mahals.lock``, so it is released
+    when its process ends, crash or SIGKILL included; the file records the holder's PID.
+    Without ``wait``, a folder locked by another process raises :class:`OutputFolderLocked`
+    naming that PID at once; with ``wait``, the block waits for the lock. Nested use in one
+    process is allowed (the outer holder keeps the lock).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = out_dir.resolve()
+    if key in _held_locks:
+        _held_locks[key] += 1
+        try:
+            yield
+        finally:
+            _held_locks[key] -= 1
+        return
+    path = key / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            if not wait:
+                raise OutputFolderLocked(
+                    f"output folder {out_dir} is in use by another mahals run (PID {holder}); "
+                    "wait for it to finish, pass --wait to wait for it, or choose another --out"
+                ) from None
+            log.info("Output folder %s is in use (PID %s): waiting for it", out_dir, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        _held_locks[key] = 1
+        try:
+            yield
+        finally:
+            del _held_locks[key]
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+_Run = TypeVar("_Run", bound=Callable[..., Any])
+
+
+def holds_output_lock(run: _Run) -> _Run:
+    """Decorate a phase's ``run_phaseN(config, ...)``: the whole run holds the lock of
+    ``config.out_dir`` (waiting for it when ``config.wait_for_lock``)."""
+
+    @functools.wraps(run)
+    def locked(config: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock_output_folder(config.out_dir, wait=getattr(config, "wait_for_lock", False)):
+            return run(config, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -76,38 +169,103 @@ def run_checkpointed(
     choice: CheckpointChoice | str | None,
     compute: Callable[[str], Mapping[str, Any]],
     keep_on_fresh: Collection[str] = (),
+    identity: Callable[[str], Mapping[str, str]] | None = None,
+    item_files: Collection[str] = (),
+    wait_for_lock: bool = False,
 ) -> CheckpointedRun:
     """Run ``compute(item)`` for each pending item, recording each result as soon as it exists.
+
+    The whole call holds the output folder's lock (:func:`lock_output_folder`; ``wait_for_lock``
+    waits for another run to finish instead of refusing).
 
     A fresh start deletes the checkpoint and the per-item folders of earlier runs (their caches
     included), so nothing stale is mixed into the new results. Entries of a per-item folder
     named in ``keep_on_fresh`` survive it: only for caches that validate themselves on reuse
     (Phase 2.1's ``hidden_states_cache``, keyed by model, texts and pooling).
 
+    ``identity(item)`` says what an item's result was computed from (rows' SHA-256, model
+    source, weights fingerprint …); it is recorded with the result, and a completed item whose
+    recorded identity differs from the current one is computed again (the log names what
+    changed), as is one whose ``item_files`` (names inside its folder) are missing or empty.
+
     Temporary files that a killed run left behind mid atomic write (``.<name>.*.tmp``) are
-    removed from ``out_dir`` at the start and from an item's folder before it is computed.
+    removed from ``out_dir`` at the start and from an item's folder before it is computed; only
+    under the lock, so never from under another run.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_interrupted_writes(out_dir, recursive=False)
-    checkpoint = Checkpoint.open(out_dir / checkpoint_name, items, settings, choice)
-    if checkpoint.decision is CheckpointChoice.FRESH:
-        for item in items:
-            _clear_item_folder(out_dir / item, keep=keep_on_fresh)
-    for item in checkpoint.pending:
-        _remove_interrupted_writes(out_dir / item, recursive=True)
-        started = time.time()
-        result = dict(compute(item))
-        result.setdefault("seconds", round(time.time() - started, 3))
-        checkpoint.record(item, result)
-    return CheckpointedRun(checkpoint.results, checkpoint)
+    folders = {item: _item_folder(out_dir, item) for item in items}
+    with lock_output_folder(out_dir, wait=wait_for_lock):
+        _remove_interrupted_writes(out_dir, recursive=False)
+        checkpoint = Checkpoint.open(out_dir / checkpoint_name, items, settings, choice)
+        if checkpoint.decision is CheckpointChoice.FRESH:
+            for item in items:
+                _clear_item_folder(out_dir, item, keep=keep_on_fresh)
+        identities = {item: dict(identity(item)) for item in items} if identity else {}
+        for item in checkpoint.completed:
+            stale = _stale_reason(checkpoint, folders[item], identities.get(item), item_files)
+            if stale:
+                log.warning("%s: %s; computing it again", item, stale)
+                checkpoint.forget(item)
+        for item in checkpoint.pending:
+            _remove_interrupted_writes(folders[item], recursive=True)
+            started = time.time()
+            result = dict(compute(item))
+            result.setdefault("seconds", round(time.time() - started, 3))
+            checkpoint.record(item, result, identity=identities.get(item))
+        return CheckpointedRun(checkpoint.results, checkpoint)
 
 
-def _clear_item_folder(folder: Path, *, keep: Collection[str]) -> None:
-    """Delete ``folder``, or, when ``keep`` names some of its entries, everything else in it."""
-    if not keep:
-        shutil.rmtree(folder, ignore_errors=True)
+def _stale_reason(
+    checkpoint: Checkpoint,
+    folder: Path,
+    current: Mapping[str, str] | None,
+    item_files: Collection[str],
+) -> str | None:
+    """Why a completed item's recorded result cannot stand (``None`` if it can)."""
+    item = folder.name
+    if current is not None:
+        recorded = checkpoint.identity(item)
+        changed = sorted(
+            key for key in set(current) | set(recorded) if current.get(key) != recorded.get(key)
+        )
+        if changed:
+            return "its inputs changed since its result was recorded (" + ", ".join(changed) + ")"
+    missing = [
+        name
+        for name in item_files
+        if not (folder / name).is_file() or not (folder / name).stat().st_size
+    ]
+    if missing:
+        return f"its output files {missing} are missing or empty"
+    return None
+
+
+def _item_folder(out_dir: Path, item: str) -> Path:
+    """``out_dir/item``, refused unless ``item`` names an entry directly inside ``out_dir``
+    (no separator, no ``..``, not absolute), so clean-up never reaches outside it."""
+    folder = out_dir / item
+    if (
+        item in ("", ".", "..")
+        or (folder.parent.resolve() / folder.name).parent != out_dir.resolve()
+    ):
+        raise CheckpointError(
+            f"refusing to use {folder}: item {item!r} is not a single folder name inside the "
+            f"output folder {out_dir}"
+        )
+    return folder
+
+
+def _clear_item_folder(out_dir: Path, item: str, *, keep: Collection[str]) -> None:
+    """Delete ``out_dir/item``, or, when ``keep`` names some of its entries, everything else
+    in it. ``item`` must name an entry directly inside ``out_dir`` (a link is removed, never
+    followed), so nothing outside the output folder is ever removed."""
+    folder = _item_folder(out_dir, item)
+    if folder.is_symlink():
+        folder.unlink()
         return
     if not folder.is_dir():
+        return
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
         return
     for entry in folder.iterdir():
         if entry.name in keep:
@@ -139,7 +297,7 @@ def add_run_arguments(
 ) -> None:
     """The options both phases take, with the same names and meanings: ``--mode``,
     ``--pool``, ``--seed``, ``--batch-size``, ``--max-batch-tokens``, ``--no-cache``,
-    ``--out``, ``--no-progress`` and ``--resume`` / ``--fresh`` / ``--skip``."""
+    ``--out``, ``--wait``, ``--no-progress`` and ``--resume`` / ``--fresh`` / ``--skip``."""
     parser.add_argument("--mode", choices=("sanity", "full"), default="sanity", help=mode_help)
     parser.add_argument(
         "--pool", "--token", dest="pool", choices=pools, default=pool,
@@ -147,10 +305,11 @@ def add_run_arguments(
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=seed, help=seed_help)
     parser.add_argument(
-        "--batch-size", type=int, help="texts per forward pass (default: the registry's per model)"
-    )
+        "--batch-size", type=_positive_int,
+        help="texts per forward pass (default: the registry's per model)",
+    )  # fmt: skip
     parser.add_argument(
-        "--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+        "--max-batch-tokens", type=_non_negative_int, default=DEFAULT_MAX_BATCH_TOKENS,
         help=f"cap on padded tokens per forward pass (default {DEFAULT_MAX_BATCH_TOKENS}; 0 = no cap)",
     )  # fmt: skip
     parser.add_argument(
@@ -158,10 +317,28 @@ def add_run_arguments(
     )
     parser.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
     parser.add_argument(
+        "--wait", dest="wait_for_lock", action="store_true",
+        help="if another run is writing to --out, wait for it instead of refusing",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-progress", dest="progress", action="store_const", const=False, default=None,
         help="no progress bars (default: shown on a terminal)",
     )  # fmt: skip
     add_checkpoint_flags(parser)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = no cap), got {value}")
+    return value
 
 
 def run_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -173,6 +350,7 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_batch_tokens": args.max_batch_tokens or None,
         "use_cache": not args.no_cache,
         "out_dir": args.out,
+        "wait_for_lock": args.wait_for_lock,
         "checkpoint": args.checkpoint_choice,
         "progress": args.progress,
     }

@@ -36,12 +36,19 @@ from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID, SafetyDataError
 from mahals.io import atomic_write_json, atomic_write_text
 from mahals.models import MahalsModel
-from mahals.pipelines.caching import N_TOKENS_KEY, CachedBlock, cache_identity, cached_capture
+from mahals.pipelines.caching import (
+    N_TOKENS_KEY,
+    CachedBlock,
+    cache_identity,
+    cached_capture,
+    item_identity,
+)
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     RunSummary,
     add_run_arguments,
+    holds_output_lock,
     run_checkpointed,
     run_command,
     run_options,
@@ -114,6 +121,7 @@ class Phase1Config:
         checkpoint: ``--resume`` / ``--fresh`` / ``--skip``; ``None`` = ask on a terminal,
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
+        wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
     """
 
     models: tuple[str, ...]
@@ -135,6 +143,7 @@ class Phase1Config:
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | str | None = None
     progress: bool | None = None
+    wait_for_lock: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -245,6 +254,7 @@ def _embeddings(
         max_batch_tokens=config.max_batch_tokens,
         use_cache=config.use_cache,
         progress=config.progress,
+        d_model=spec.d_model,
         before_capture=announce,
         extra_tensors={EMBEDDING_BASELINE: lambda model: embedding_features(model, dataset.texts)},
     )
@@ -428,6 +438,7 @@ def _log_results(results: Mapping[str, Mapping[str, Any]], aqi_mode: str) -> str
     return best["model"]
 
 
+@holds_output_lock
 def run_phase1(
     config: Phase1Config, *, loader: ModelLoader = default_loader, registry: Registry | None = None
 ) -> Phase1Summary:
@@ -465,6 +476,8 @@ def run_phase1(
             settings=config.settings(),
             choice=config.checkpoint,
             keep_on_fresh={_embeddings_path(config, key).name for key in specs},
+            identity=lambda key: item_identity(dataset.texts, model=specs[key]),
+            item_files=("result.json", "metrics_summary.json", "metrics_summary.csv"),
             compute=lambda key: _evaluate_model(
                 config, key, specs[key], _display_name(key, specs[key], registry), dataset, slot
             ),

@@ -38,11 +38,13 @@ from mahals.data.hh_rlhf import HH_RLHF_HUB_ID, PairingRule, PreferenceDataError
 from mahals.io import atomic_write_json
 from mahals.models import load_tokenizer
 from mahals.pairs import pair_row_splits
+from mahals.pipelines.caching import item_identity
 from mahals.pipelines.checkpoint import CheckpointChoice
 from mahals.pipelines.common import (
     DEFAULT_MAX_BATCH_TOKENS,
     RunSummary,
     add_run_arguments,
+    holds_output_lock,
     run_checkpointed,
     run_command,
     run_options,
@@ -118,6 +120,7 @@ class Phase2Config:
         checkpoint: ``--resume`` / ``--fresh`` / ``--skip``; ``None`` = ask on a terminal,
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
+        wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
     """
 
     mode: Mode = "sanity"
@@ -138,6 +141,7 @@ class Phase2Config:
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
     progress: bool | None = None
+    wait_for_lock: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -284,6 +288,7 @@ def _save_comparison_plots(out_dir: Path, results: Mapping[str, dict[str, Any]])
     return paths
 
 
+@holds_output_lock
 def run_phase2(
     config: Phase2Config,
     *,
@@ -335,6 +340,7 @@ def run_phase2(
             )
         return loaded[0]
 
+    data_identity = item_identity(data=config.dataset)  # hashed once, not per pair
     with ModelSlot(loader) as slot:
         outcome = run_checkpointed(
             out_dir=config.out_dir,
@@ -346,6 +352,10 @@ def run_phase2(
                 pairs[key], config, conversations, slot, tokenizer_loader
             ),
             keep_on_fresh=(CACHE_DIR_NAME,),
+            identity=lambda key: {
+                **data_identity,
+                **item_identity(base=pairs[key].base, tuned=pairs[key].tuned),
+            },
         )
     results = {key: dict(result) for key, result in outcome.results.items()}
     pending = tuple(key for key in pair_keys if key not in results)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mahals._time import utc_timestamp
 from mahals._version import __version__
-from mahals.io import atomic_write_json, load_tensors, save_tensors
+from mahals.io import atomic_write_json, load_tensors, save_tensors, tensor_sha256
 from mahals.steering.gguf import write_control_vector
 
 __all__ = ["Pool", "SteeringVector", "FLOAT64_CHUNK_ELEMENTS"]
@@ -112,6 +112,10 @@ class SteeringVector:
             raise ValueError(f"layers must be distinct, got {list(layers)}")
         if self.pool not in (None, "last", "mean"):
             raise ValueError(f"pool must be 'last' or 'mean', got {self.pool!r}")
+        finite = torch.isfinite(self.vectors).all(dim=-1)
+        if not bool(finite.all()):
+            bad = [layers[i] for i in torch.nonzero(~finite).flatten().tolist()]
+            raise ValueError(f"vectors hold NaN or infinity at layers {bad}")
 
     # ----------------------------------------------------------------------------- construction
 
@@ -284,8 +288,9 @@ class SteeringVector:
         """Write ``path`` (safetensors, key ``"vectors"``) and ``path.with_suffix(".json")``.
 
         Both writes are atomic; the tensor file is written first, so a sidecar never describes
-        a missing tensor file. The dtype is kept, so :meth:`load` returns identical bits.
-        Returns the tensor file's path.
+        a missing tensor file, and both carry the tensor's SHA-256, so a crash between the two
+        writes (new tensor, old sidecar) is refused by :meth:`load`. The dtype is kept, so
+        :meth:`load` returns identical bits. Returns the tensor file's path.
         """
         path = Path(path)
         sidecar = path.with_suffix(".json")
@@ -295,7 +300,8 @@ class SteeringVector:
             json.dumps(self.extra)
         except TypeError as error:
             raise TypeError(f"extra metadata is not JSON-serialisable: {error}") from error
-        save_tensors(path, {TENSOR_KEY: self.vectors})
+        checksum = tensor_sha256(self.vectors)
+        save_tensors(path, {TENSOR_KEY: self.vectors}, {"tensor_sha256": checksum})
         atomic_write_json(
             sidecar,
             {
@@ -304,6 +310,7 @@ class SteeringVector:
                 "tensor_file": path.name,
                 "shape": list(self.vectors.shape),
                 "dtype": str(self.vectors.dtype).removeprefix("torch."),
+                "tensor_sha256": checksum,
                 **self.metadata(),
             },
         )
@@ -332,6 +339,12 @@ class SteeringVector:
         if TENSOR_KEY not in tensors:
             raise ValueError(f"{path}: no {TENSOR_KEY!r} tensor (found {sorted(tensors)})")
         vectors = tensors[TENSOR_KEY]
+        if "tensor_sha256" in meta and meta["tensor_sha256"] != tensor_sha256(vectors):
+            raise ValueError(
+                f"{path}: its content does not match the checksum in its sidecar {sidecar} "
+                "(one of the two was replaced, or a save was interrupted between them); "
+                "save the vector again"
+            )
         layers = meta.get("layers", [])
         if list(vectors.shape) != meta.get("shape") or len(layers) != vectors.shape[0]:
             raise ValueError(

