@@ -31,8 +31,6 @@ Scores (all log-probabilities natural-log, float64 on the host):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,10 +41,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mahals.data.splits import row_hash
 from mahals.tracing import Batch, Intervention, generate, run_trace
 
 if TYPE_CHECKING:
-    from mahals.data.hh_rlhf import PreferencePair
     from mahals.models import MahalsModel
 
 __all__ = [
@@ -111,17 +109,6 @@ NEUTRAL_TEXTS: tuple[str, ...] = (
 
 class EvaluationLeakError(ValueError):
     """Rows used to build a steering vector were about to evaluate it."""
-
-
-def row_hash(pair: PreferencePair) -> str:
-    """SHA-256 of an hh-rlhf row's content (prompt turns, chosen, rejected), independent of
-    where it was read from: two copies of the same conversation hash alike."""
-    record = {
-        "turns": [[turn.role, turn.text] for turn in pair.prompt_turns],
-        "chosen": pair.chosen,
-        "rejected": pair.rejected,
-    }
-    return hashlib.sha256(json.dumps(record, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def check_disjoint_rows(

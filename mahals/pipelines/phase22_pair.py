@@ -42,6 +42,7 @@ from mahals.evaluation import (
 )
 from mahals.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from mahals.models import MahalsModel
+from mahals.pairs import pair_row_splits
 from mahals.pipelines.conversations import is_format_pair
 from mahals.pipelines.phase2_pair import vector_files
 from mahals.registry import ModelPair
@@ -158,6 +159,11 @@ def load_pair_data(
                   or len(format_conversation(row, "chosen", style="plain")) <= config.max_chars]  # fmt: skip
     if config.exclude_extraction_rows:
         candidates = [row for row in candidates if row_hash(row) not in used]
+    splits = pair_row_splits(pair)
+    if splits is not None:  # a pair built from hashed splits (the DPO demo pair)
+        held_out = splits.split_of("evaluation")
+        candidates = [row for row in candidates if row_hash(row) in held_out]
+        used |= splits.all_except("evaluation")
     eval_rows = tuple(candidates[: config.n_eval])
     if len(eval_rows) < 2:
         raise FileNotFoundError(f"pair {pair.key}: {len(eval_rows)} held-out hh-rlhf rows in {dataset.source}")
