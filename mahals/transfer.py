@@ -407,7 +407,7 @@ class LayerMapping:
             tuned_model=vector.tuned_model,
             dataset=vector.dataset,
             n_samples=vector.n_samples,
-            token_position=vector.token_position,
+            pool=vector.pool,
             kind=f"projected({vector.kind})",
             description=(
                 f"{vector.kind} of {first.source_model or 'the source model'} projected onto "

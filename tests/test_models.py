@@ -32,7 +32,7 @@ def test_registry_holds_the_seven_pairs_of_the_study():
             4096,
         ),
     }
-    assert set(registry.pairs) == set(expected) | {"SmolLM2_format_demo"}
+    assert set(registry.pairs) == set(expected) | {"SmolLM2_format_demo", "SmolLM2_DPO_demo"}
     demo = registry.pair("SmolLM2_format_demo")
     assert demo.base is demo.tuned and demo.pairing == "native"
     for key, (base, tuned, layers, width) in expected.items():

@@ -204,7 +204,7 @@ def test_fresh_never_deletes_outside_the_output_folder(tmp_path):
     def compute(item):
         raise AssertionError("computed an item whose folder lies outside the output folder")
 
-    with pytest.raises(CheckpointError, match="not a single folder name"):
+    with pytest.raises(CheckpointError, match="not a relative path of folder names"):
         run_checkpointed(out_dir=out, checkpoint_name="c.json", items=["../victim"],
                          settings={}, choice="fresh", compute=compute)  # fmt: skip
     assert (victim / "important.txt").read_text() == "keep me" and (victim / "sub").is_dir()

@@ -240,16 +240,21 @@ def _stale_reason(
 
 
 def _item_folder(out_dir: Path, item: str) -> Path:
-    """``out_dir/item``, refused unless ``item`` names an entry directly inside ``out_dir``
-    (no separator, no ``..``, not absolute), so clean-up never reaches outside it."""
+    """``out_dir/item``, refused unless ``item`` is a relative path of plain folder names
+    (``pair`` or ``pair/tuned/lambda_1``: no ``..``, ``.``, empty part, not absolute) whose
+    parent resolves inside ``out_dir``, so clean-up never reaches outside it."""
     folder = out_dir / item
+    parts = item.split("/")
+    root = out_dir.resolve()
+    parent = folder.parent.resolve()
     if (
-        item in ("", ".", "..")
-        or (folder.parent.resolve() / folder.name).parent != out_dir.resolve()
+        item.startswith("/")
+        or any(part in ("", ".", "..") or "\\" in part for part in parts)
+        or not (parent == root or root in parent.parents)
     ):
         raise CheckpointError(
-            f"refusing to use {folder}: item {item!r} is not a single folder name inside the "
-            f"output folder {out_dir}"
+            f"refusing to use {folder}: item {item!r} is not a relative path of folder names "
+            f"inside the output folder {out_dir}"
         )
     return folder
 
