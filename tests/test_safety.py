@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,6 +268,84 @@ def test_capture_raises_on_overflow_naming_model_layer_and_rows(tiny_tokenizer):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+OVERFLOW_LAYER = 2
+OVERFLOW_SCALE = 1e3  # fp16 saturates at 65504; SmolLM2's down_proj is |w| <= 5.3, so 5.3e3 here
+
+
+@pytest.fixture
+def smollm2_fp16_overflowing():
+    """SmolLM2 (real weights) in float16 on the CPU, one ``down_proj`` scaled ×1000: a real
+    fp16 overflow of the kind an unlucky checkpoint or input produces."""
+    from mahals.models import load_model
+
+    model = load_model("SmolLM2-135M-Instruct", device="cpu", dtype=torch.float16, verbose=False)
+    with torch.no_grad():
+        model.hf.model.layers[OVERFLOW_LAYER].mlp.down_proj.weight.mul_(OVERFLOW_SCALE)
+    yield model
+    model.free()
+
+
+@pytest.mark.slow
+def test_fp16_overflow_of_real_weights_is_named_by_model_layer_and_rows(smollm2_fp16_overflowing):
+    import mahals
+
+    model = smollm2_fp16_overflowing
+    texts = ["How do I bake bread?", "Tell me a joke about cats.", "Hi"]
+    layers = [0, 1, 2, 3, 4]
+    # Independent reference: HF's own hidden states, each text alone, in fp16 and in fp32.
+    bad_layers, bad_rows = set(), set()
+    for row, text in enumerate(texts):
+        enc = model.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            states = model.hf(**enc, output_hidden_states=True).hidden_states
+            wide = model.hf.float()(**enc, output_hidden_states=True).hidden_states
+            model.hf.half()
+        assert all(torch.isfinite(h).all() for h in wide), "fp32 should not overflow"
+        for layer in layers:
+            if not torch.isfinite(states[layer + 1]).all():
+                bad_layers.add(layer)
+                bad_rows.add(row)
+    assert sorted(bad_layers) == [2, 3, 4] and bad_rows  # the scaled layer and all after it
+    expected = ".*".join(
+        re.escape(part)
+        for part in ("model 'SmolLM2-135M-Instruct' (float16)", f"layers {sorted(bad_layers)}",
+                     f"rows {sorted(bad_rows)}", "bfloat16 or float32")
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=expected):
+        mahals.capture(model, texts, layers=layers, batch_size=len(texts))
+
+
+@pytest.mark.slow
+def test_phase1_on_an_overflowing_fp16_model_reports_no_nan_score(
+    smollm2_fp16_overflowing, tmp_path, monkeypatch, capsys
+):
+    """The whole Phase 1 CLI path: one-line error, exit status 2, no AQI written or printed."""
+    import argparse
+
+    from mahals.pipelines.console import console
+
+    monkeypatch.setattr(
+        "mahals.pipelines.slot.load_model", lambda key, **kwargs: smollm2_fp16_overflowing
+    )
+    data = tmp_path / "ds.csv"
+    _write_dataset(data, "please")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    args = parser.parse_args(["--models", "SmolLM2-135M-Instruct", "--per-cell", "6",
+                              "--dataset", str(data), "--bootstrap", "10", "--out", str(out)])  # fmt: skip
+    with console():
+        assert phase1.run_from_args(args) == 2
+    shown = capsys.readouterr()
+    error = shown.err
+    assert error.startswith("mahals phase1: error: model 'SmolLM2-135M-Instruct' (float16)")
+    assert "layers [2, 3," in error and "rows [" in error and error.count("\n") == 1
+    assert not re.search(r"\bnan\b|^AQI: |BASELINE MODEL", shown.out, re.IGNORECASE | re.MULTILINE)
+    assert not (out / "SmolLM2-135M-Instruct" / "result.json").exists()
+    assert not (out / phase1.SUMMARY_NAME).exists()
+    assert not list(out.rglob("*.safetensors"))  # no cache of non-finite activations
 
 
 def test_json_output_refuses_nan(tmp_path):
