@@ -568,3 +568,79 @@ def test_empty_non_utf8_and_non_gzip_data_files_are_named(tmp_path):
     fake.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(PreferenceDataError, match="test.jsonl.gz: truncated gzip"):
         load_hh_rlhf(str(fake), split="test")
+
+
+# ------------------------------------------------------------------ 10. one-line CLI errors
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from mahals.cli import main
+
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
+def test_run_time_user_errors_are_one_line_with_status_2_for_every_command(study, capsys, tmp_path):
+    """Raised while the command runs (not while its arguments are read): a layer the model does
+    not have (found before it loads), a folder given as the dataset, a recipe that is not JSON,
+    a missing adapter folder, a missing data folder."""
+    root, data = study
+    (tmp_path / "recipe.json").write_text('{"name": 3')
+    phase1_run = ["phase1", "--models", "tiny-a", "--per-cell", "6", "--bootstrap", "10"]
+    cases = {
+        "phase1": (
+            [*phase1_run, "--dataset", str(data), "--layers", "99", "--out", str(root / "o1")],
+            "--layers does not fit model 'tiny-a': layers [99] out of range",
+        ),
+        "phase1 ": (
+            [*phase1_run, "--dataset", str(root), "--out", str(root / "o2")],
+            str(root),
+        ),
+        "pair": (
+            ["pair", "dpo", "--recipe", str(tmp_path / "recipe.json"), "--out", str(tmp_path)],
+            "recipe.json: not valid JSON",
+        ),
+        "pair ": (
+            ["pair", "evaluate", "--adapter", str(tmp_path / "no-adapter")],
+            "no-adapter",
+        ),
+        "demo": (
+            ["demo", "--data", str(tmp_path / "no-data"), "--phase", "1", "--out", str(tmp_path)],
+            "no-data",
+        ),
+    }
+    for command, (argv, named) in cases.items():
+        status, error = _cli(argv, capsys)
+        assert status == 2, (command, error)
+        assert error.startswith(f"mahals {command.strip()}: error: ") and named in error, error
+        assert error.count("\n") == 1 and "Traceback" not in error, error
+
+
+def test_programming_errors_keep_their_traceback(study, capsys, monkeypatch):
+    root, data = study
+    argv = ["phase1", "--models", "tiny-a", "--per-cell", "6", "--bootstrap", "10",
+            "--dataset", str(data), "--out", str(root / "out")]  # fmt: skip
+
+    def buggy_run(config):
+        raise KeyError("AQI")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(phase1, "run_phase1", buggy_run)
+        with pytest.raises(KeyError, match="AQI"):
+            _cli(argv, capsys)
+    monkeypatch.setenv("MAHALS_TRACEBACK", "1")  # a user error, shown in full on request
+    with pytest.raises(ValueError, match=r"layers \[99\] out of range"):
+        _cli([*argv, "--layers", "99"], capsys)
+
+
+def test_cli_process_prints_one_line_and_exits_2(tmp_path):
+    """The installed entry point, as a user runs it: no traceback on standard error."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "mahals.cli", "pair", "evaluate", "--adapter",
+         str(tmp_path / "no-adapter")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert finished.returncode == 2
+    assert finished.stderr.startswith("mahals pair: error: LoRA adapter")
+    assert finished.stderr.count("\n") == 1

@@ -32,6 +32,9 @@ __all__ = [
     "CheckpointedRun",
     "OutputFolderLocked",
     "RunSummary",
+    "TRACEBACK_VARIABLE",
+    "USER_ERRORS",
+    "exit_status",
     "holds_output_lock",
     "lock_output_folder",
     "add_run_arguments",
@@ -46,16 +49,22 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 """Padded tokens per forward pass: keeps activation memory near 1-2 GB on 7-9B models while an
 H100 still runs at full throughput (see benchmarks/README.md)."""
 
-#: Errors a user can fix (bad file, key, checkpoint or setting): the CLI prints them on one
-#: line and exits with status 2; anything else is a bug and keeps its traceback.
+#: Errors a user can fix (bad file, key, argument, data, checkpoint or setting): the CLI prints
+#: them on one line and exits with status 2 (:func:`exit_status`); anything else is a bug and
+#: keeps its traceback. mahals raises ``ValueError`` (its data errors are subclasses) for an
+#: invalid argument or input and ``OSError`` for a file, folder, cache or hub problem, whether
+#: the setting is parsed or the phase is running; ``TypeError``, ``KeyError``, ``IndexError``,
+#: ``AttributeError``, ``RuntimeError`` … are programming errors.
 USER_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    OSError,  # missing/unwritable files and folders, broken caches, hub failures
     CheckpointError,
     RegistryError,
-    FileNotFoundError,
-    PermissionError,  # an output folder that cannot be written: found before any model loads
-    NotADirectoryError,
     FloatingPointError,  # non-finite activations: the message says which dtype to use
 )
+
+TRACEBACK_VARIABLE = "MAHALS_TRACEBACK"
+"""Environment variable: set to ``1`` to see user errors' full tracebacks too."""
 
 LOCK_NAME = ".mahals.lock"
 """The lock file of an output folder: one writer at a time (:func:`lock_output_folder`)."""
@@ -361,27 +370,36 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def exit_status(
+    command: str,
+    action: Callable[[], int | None],
+    extra_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Run ``mahals <command>``'s ``action``: its exit status (``None`` counts as 0), or 2 after
+    printing ``mahals <command>: error: …`` as one line on standard error when it raises a user
+    error (:data:`USER_ERRORS` or ``extra_errors``). Other exceptions propagate with their
+    traceback, as do user errors when ``$MAHALS_TRACEBACK`` is ``1``."""
+    try:
+        return action() or 0
+    except (*USER_ERRORS, *extra_errors) as error:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"mahals {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
 def run_command(
     command: str,
     config: Callable[[], Any],
     run: Callable[[Any], Any],
     data_errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """``run(config())`` for ``mahals <command>``: 0 on success; 2 with a one-line
-    ``mahals <command>: error: …`` on standard error for a user error (:data:`USER_ERRORS`,
-    ``data_errors``, or a ``ValueError`` from ``config()``, i.e. an invalid setting)."""
-    try:
-        settings = config()
-    except (ValueError, *USER_ERRORS) as error:
-        return _user_error(command, error)
-    try:
-        run(settings)
-    except (*USER_ERRORS, *data_errors) as error:
-        return _user_error(command, error)
-    return 0
+    """``run(config())`` for ``mahals <command>`` through :func:`exit_status`: 0 on success, 2
+    with a one-line message for a user error, while the settings are read or the phase runs
+    (``data_errors``: further exception types that count as user errors)."""
 
+    def action() -> None:
+        run(config())
 
-def _user_error(command: str, error: Exception) -> int:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"mahals {command}: error: {message}", file=sys.stderr)
-    return 2
+    return exit_status(command, action, data_errors)
