@@ -124,6 +124,55 @@ def test_finished_model_whose_result_file_was_deleted_is_computed_again(study):
     assert again.results == first.results
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda result: result.pop("AQI"),
+        lambda result: result.update(AQI="high"),
+        lambda result: result.update(AQI=float("nan")),  # json.loads reads a NaN literal
+    ],
+    ids=["AQI missing", "AQI not a number", "AQI NaN"],
+)
+def test_checkpointed_result_without_a_valid_aqi_is_computed_again(study, damage, caplog):
+    root, data = study
+    out = root / "out"
+    first = _run(_config(data, out))
+    path = out / phase1.CHECKPOINT_NAME
+    document = json.loads(path.read_text())
+    damage(document["results"]["tiny-a"]["result"])
+    path.write_text(json.dumps(document))  # allow_nan: the NaN literal a hand edit could leave
+    again = _run(_config(data, out, checkpoint="resume"))
+    assert again.results == first.results
+    assert f"its result recorded in {path} is malformed" in caplog.text
+    assert (
+        json.loads(path.read_text())["results"]["tiny-a"]["result"]["AQI"]
+        == (first.results["tiny-a"]["AQI"])
+    )
+
+
+def test_malformed_checkpointed_result_is_recomputed_by_any_run(tmp_path):
+    """The mechanism every phase shares (Phase 2.1 names its own fields): not an object, or a
+    missing field."""
+    from mahals.pipelines.common import result_fields
+
+    computed = []
+
+    def compute(item):
+        computed.append(item)
+        return {"n_layers": 3, "d_model": 8}
+
+    run = dict(out_dir=tmp_path, checkpoint_name="c.json", items=["a", "b"], settings={},
+               compute=compute, result_problem=result_fields(("n_layers", "d_model")))  # fmt: skip
+    run_checkpointed(choice=None, **run)
+    document = json.loads((tmp_path / "c.json").read_text())
+    document["results"]["a"]["result"] = "garbage"
+    del document["results"]["b"]["result"]["d_model"]
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    again = run_checkpointed(choice="resume", **run)
+    assert computed == ["a", "b", "a", "b"]
+    assert {item: result["d_model"] for item, result in again.results.items()} == {"a": 8, "b": 8}
+
+
 # ------------------------------------------------------------------ 3. one writer per folder
 
 _HOLDER = """

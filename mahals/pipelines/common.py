@@ -9,6 +9,7 @@ import errno
 import fcntl
 import functools
 import logging
+import math
 import os
 import shutil
 import sys
@@ -38,6 +39,7 @@ __all__ = [
     "holds_output_lock",
     "lock_output_folder",
     "add_run_arguments",
+    "result_fields",
     "run_options",
     "run_checkpointed",
     "run_command",
@@ -180,6 +182,7 @@ def run_checkpointed(
     keep_on_fresh: Collection[str] = (),
     identity: Callable[[str], Mapping[str, str]] | None = None,
     item_files: Collection[str] = (),
+    result_problem: Callable[[Any], str | None] | None = None,
     wait_for_lock: bool = False,
 ) -> CheckpointedRun:
     """Run ``compute(item)`` for each pending item, recording each result as soon as it exists.
@@ -195,7 +198,10 @@ def run_checkpointed(
     ``identity(item)`` says what an item's result was computed from (rows' SHA-256, model
     source, weights fingerprint …); it is recorded with the result, and a completed item whose
     recorded identity differs from the current one is computed again (the log names what
-    changed), as is one whose ``item_files`` (names inside its folder) are missing or empty.
+    changed), as is one whose ``item_files`` (names inside its folder) are missing or empty, or
+    whose recorded result ``result_problem(result)`` finds malformed (it returns what is wrong,
+    e.g. a missing ``AQI``, or ``None``), so a damaged checkpoint entry never reaches the
+    summary.
 
     Temporary files that a killed run left behind mid atomic write (``.<name>.*.tmp``) are
     removed from ``out_dir`` at the start and from an item's folder before it is computed; only
@@ -210,9 +216,12 @@ def run_checkpointed(
                 _clear_item_folder(out_dir, item, keep=keep_on_fresh)
         identities = {item: dict(identity(item)) for item in items} if identity else {}
         for item in checkpoint.completed:
-            stale = _stale_reason(checkpoint, folders[item], identities.get(item), item_files)
+            stale = _stale_reason(
+                checkpoint, item, folders[item], identities.get(item), item_files, result_problem
+            )
             if stale:
-                log.warning("%s: %s; computing it again", item, stale)
+                action = "left out (--skip)" if checkpoint.skipping else "computing it again"
+                log.warning("%s: %s; %s", item, stale, action)
                 checkpoint.forget(item)
         for item in checkpoint.pending:
             _remove_interrupted_writes(folders[item], recursive=True)
@@ -225,12 +234,16 @@ def run_checkpointed(
 
 def _stale_reason(
     checkpoint: Checkpoint,
+    item: str,
     folder: Path,
     current: Mapping[str, str] | None,
     item_files: Collection[str],
+    result_problem: Callable[[Any], str | None] | None,
 ) -> str | None:
     """Why a completed item's recorded result cannot stand (``None`` if it can)."""
-    item = folder.name
+    problem = result_problem(checkpoint.result(item)) if result_problem else None
+    if problem:
+        return f"its result recorded in {checkpoint.path} is malformed ({problem})"
     if current is not None:
         recorded = checkpoint.identity(item)
         changed = sorted(
@@ -246,6 +259,29 @@ def _stale_reason(
     if missing:
         return f"its output files {missing} are missing or empty"
     return None
+
+
+def result_fields(
+    required: Collection[str], *, finite: Collection[str] = ()
+) -> Callable[[Any], str | None]:
+    """A ``result_problem`` check for :func:`run_checkpointed`: a result must be a JSON object
+    holding every ``required`` field, each of ``finite`` a finite number."""
+
+    def problem(result: Any) -> str | None:
+        if not isinstance(result, Mapping):
+            return f"not a JSON object but {type(result).__name__}"
+        missing = [name for name in required if name not in result]
+        if missing:
+            return f"it lacks {missing}"
+        for name in finite:
+            value = result[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{name} is {value!r}, not a number"
+            if not math.isfinite(value):
+                return f"{name} is {value!r}"
+        return None
+
+    return problem
 
 
 def _item_folder(out_dir: Path, item: str) -> Path:

@@ -50,6 +50,7 @@ from mahals.pipelines.common import (
     RunSummary,
     add_run_arguments,
     holds_output_lock,
+    result_fields,
     run_checkpointed,
     run_command,
     run_options,
@@ -86,6 +87,10 @@ AQI_MODES = ("mahalanobis", "geometry", "reference")
 EMBEDDING_BASELINE = "embedding"
 
 Layers = int | tuple[int, ...] | Literal["all"]
+#: What the results table, the summary and the plots read from each model's checkpointed result
+#: (a stored result lacking one is computed again).
+RESULT_FIELDS = ("model", "AQI", "ci95", "AUC", "eta2", "baselines", "gain_over_best_baseline",
+                 "CHI_norm", "XB_norm", "CHI_raw", "per_axiom", "layer_curve")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -493,6 +498,7 @@ def run_phase1(
             keep_on_fresh={_embeddings_path(config, key).name for key in specs},
             identity=lambda key: item_identity(dataset.texts, model=specs[key]),
             item_files=("result.json", "metrics_summary.json", "metrics_summary.csv"),
+            result_problem=result_fields(RESULT_FIELDS, finite=("AQI",)),
             compute=lambda key: _evaluate_model(
                 config, key, specs[key], _display_name(key, specs[key], registry), dataset, slot
             ),
