@@ -423,6 +423,68 @@ def test_vector_with_a_stale_sidecar_is_refused(tmp_path):
         SteeringVector.load(path)
 
 
+def _break_tensor_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(64))
+
+
+def _tensor_file_is_json(path: Path) -> None:
+    path.write_text('{"not": "safetensors"}')
+
+
+def _delete_sidecar(path: Path) -> None:
+    path.with_suffix(".json").unlink()
+
+
+def _sidecar_not_json(path: Path) -> None:
+    path.with_suffix(".json").write_bytes(b"\xff\xfe{ broken")
+
+
+def _sidecar_a_list(path: Path) -> None:
+    path.with_suffix(".json").write_text("[1, 2]")
+
+
+def _sidecar_layers_garbled(path: Path) -> None:
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "layers": 7}))
+
+
+def _nan_tensor_with_matching_sidecar(path: Path) -> None:
+    from mahals.io import tensor_sha256
+
+    bad = torch.ones(2, 4)
+    bad[1, 0] = math.nan
+    save_tensors(path, {"vectors": bad})
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "tensor_sha256": tensor_sha256(bad)}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "names"),
+    [
+        (_break_tensor_bytes, ValueError, "v.safetensors: not a readable safetensors file"),
+        (_tensor_file_is_json, ValueError, "v.safetensors: not a readable safetensors file"),
+        (_delete_sidecar, FileNotFoundError, "v.safetensors: metadata sidecar .*v.json is missing"),
+        (_sidecar_not_json, ValueError, "v.json: not valid UTF-8 JSON"),
+        (_sidecar_a_list, ValueError, "v.json: not a mahals.SteeringVector sidecar"),
+        (_sidecar_layers_garbled, ValueError, "v.safetensors: tensor of shape .* sidecar .*v.json"),
+        (_nan_tensor_with_matching_sidecar, ValueError, r"v.safetensors \(sidecar .*v.json\): .*NaN"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)  # fmt: skip
+def test_steering_vector_load_errors_name_the_file(tmp_path, damage, error, names):
+    path = tmp_path / "v.safetensors"
+    SteeringVector(torch.ones(2, 4), layers=(0, 1), kind="test").save(path)
+    damage(path)
+    with pytest.raises(error, match=names):
+        SteeringVector.load(path)
+
+
+def test_steering_vector_load_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no steering-vector tensor file at {tmp_path}"):
+        SteeringVector.load(tmp_path / "absent.safetensors")
+
+
 # ------------------------------------------------------------------ 6. honest load errors
 
 
