@@ -461,7 +461,7 @@ class _Staged:
             return
         bad = ~torch.isfinite(self.host.cpu())  # [batch, layers, d_model]
         layers = [layer_ids[i] for i in torch.nonzero(bad.any(dim=(0, 2))).flatten().tolist()]
-        rows = [self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist()]
+        rows = sorted(self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist())
         raise FloatingPointError(
             f"model {model.name!r} ({str(model.dtype).removeprefix('torch.')}) produced NaN or "
             f"infinite activations at layers {layers[:10]} for input rows {rows[:20]}"
