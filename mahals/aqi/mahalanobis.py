@@ -2,16 +2,20 @@
 in the within-class-whitened geometry, per category and layer.
 
 For each (category, layer): stratified k-fold cross-validation (folds fixed by the seed and the
-category's name). On the k − 1 training folds a shrinkage LDA direction
-``w = Σ⁻¹ (μ_unsafe − μ_safe)`` with ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` (``S_w`` the pooled
-within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value).
-The held-out fold is projected on ``w`` and
+category's name). On the k − 1 training folds every coordinate is divided by its pooled
+within-class standard deviation ``s`` (coordinates constant within each class are dropped), and
+a shrinkage LDA direction is fitted there: ``w̃ = ((1 − α) R + α I)⁻¹ δ`` with ``R`` the
+within-class correlation matrix, ``δ`` the standardised difference of the class means and ``α``
+the Oracle Approximating Shrinkage estimate (or a fixed value); in the activations' own units
+``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)``. The score is therefore unchanged
+by rescaling any coordinate, so one huge-variance coordinate (a nuisance, a mean-pooled
+attention sink) counts as one ordinary dimension. The held-out fold is projected on ``w`` and
 scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η² of the 1-D projection
-(reported alongside), averaged over folds. With fewer rows than
-dimensions everything is computed from the rows' Gram matrix (dual form, Woodbury identity),
-which is exact. Confidence intervals come from a bootstrap of the held-out rows within each
-(fold, label) cell. Torch float64 throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas
-and the reasons behind each choice.
+(reported alongside), averaged over folds. With fewer rows than dimensions the solve uses the
+rows' Gram matrix (dual form, Woodbury identity), which is exact. Confidence intervals come
+from a bootstrap of the held-out rows within each (fold, label) cell. Torch float64
+throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas and the reasons behind each
+choice.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
 from mahals.aqi.report import OVERALL, AQIScore
 
-_CHUNK_BYTES = 512 * 2**20  # float64 rows of one category, per layer chunk
+_CHUNK_BYTES = 256 * 2**20  # float64 rows of one category, per layer chunk
+
+_CONSTANT_TOLERANCE = 1e-10
+"""A coordinate whose pooled within-class standard deviation on the training rows is at most
+this fraction of its largest magnitude there is constant up to rounding, and is dropped."""
 
 __all__ = [
     "Shrinkage",
@@ -73,7 +81,7 @@ def oas_shrinkage(
     trace: Float[Tensor, " *batch"],
     trace_of_square: Float[Tensor, " *batch"],
     n: int,
-    d: int,
+    d: int | Float[Tensor, " *batch"],
 ) -> Float[Tensor, " *batch"]:
     """Oracle Approximating Shrinkage intensity (Chen et al. 2010, eq. 23, as in scikit-learn
     ≥ 1.3) of a covariance ``S`` of ``n`` samples in ``d`` dimensions, from ``tr(S)`` and
@@ -86,11 +94,12 @@ def oas_shrinkage(
 
 
 def _shrinkage_terms(
-    trace: Tensor, trace_of_square: Tensor, n: int, d: int, shrinkage: Shrinkage
+    trace: Tensor, trace_of_square: Tensor, n: int, d: Tensor, shrinkage: Shrinkage
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(α, a, c)`` with ``Σ = a · Xcᵀ Xc + c · I`` (``a = (1 − α) / n``,
-    ``c = α · tr(S)/d``). Where ``S = 0`` (no within-class variance) ``Σ = I``: the direction
-    is then the difference of the class means."""
+    """``(α, a, c)`` with ``Σ = a · Yᵀ Y + c · I`` (``Y`` the ``n`` standardised within-class
+    rows, ``a = (1 − α) / n``, ``c = α · tr(R)/d``, ``d`` the coordinates kept). Where
+    ``R = 0`` (no within-class variance left) ``Σ = I``: the direction is then the standardised
+    difference of the class means, which is 0."""
     if shrinkage == "oas":
         alpha = oas_shrinkage(trace, trace_of_square, n, d)
     elif isinstance(shrinkage, int | float) and 0.0 <= shrinkage <= 1.0:
@@ -99,12 +108,12 @@ def _shrinkage_terms(
         raise ValueError(f"shrinkage must be 'oas' or a number in [0, 1], got {shrinkage!r}")
     degenerate = trace <= 0
     alpha = torch.where(degenerate, torch.ones_like(alpha), alpha)
-    scale = torch.where(degenerate, torch.ones_like(trace), trace / d)
+    scale = torch.where(degenerate, torch.ones_like(trace), trace / d.clamp(min=1))
     return alpha, (1.0 - alpha) / n, alpha * scale
 
 
 # --------------------------------------------------------------------------------------------
-# Shrinkage LDA: primal (d × d) and dual (Gram) fits
+# Shrinkage LDA on per-coordinate standardised rows: primal (d × d) and dual (Gram) solves
 # --------------------------------------------------------------------------------------------
 
 
@@ -118,63 +127,61 @@ def _class_operators(is_unsafe: Tensor, dtype: torch.dtype) -> tuple[Tensor, Ten
     return onehot, onehot / counts
 
 
-def _primal_fit(
-    x: Float[Tensor, "layer n d"], is_unsafe: Tensor, shrinkage: Shrinkage
-) -> tuple[Float[Tensor, "layer d"], Float[Tensor, " layer"]]:
-    """Shrinkage-LDA direction ``Σ⁻¹ (μ_unsafe − μ_safe)`` from the rows themselves."""
-    n, d = x.shape[1], x.shape[2]
+def _standardise(
+    x: Float[Tensor, "layer n d"], is_unsafe: Bool[Tensor, " n"]
+) -> tuple[Float[Tensor, "layer n d"], Float[Tensor, "layer d"], Float[Tensor, "layer d"]]:
+    """Rows in units of their pooled within-class standard deviation.
+
+    Returns ``(Y, δ, 1/s)``: ``Y = (x − μ_y) / s`` the class-centred rows and
+    ``δ = (μ_unsafe − μ_safe) / s``, with ``s² = (1/n) Σ_i (x_i − μ_{y_i})²`` per coordinate;
+    a coordinate whose ``s`` is at most :data:`_CONSTANT_TOLERANCE` of its largest magnitude
+    (constant within each class, up to rounding) is dropped: ``1/s = 0`` there."""
     onehot, averaging = _class_operators(is_unsafe.to(x.device), x.dtype)
     class_means = torch.einsum("nc,lnd->lcd", averaging, x)
-    centered = x - torch.einsum("nc,lcd->lnd", onehot, class_means)
-    scatter = centered.transpose(1, 2) @ centered  # [layer, d, d] = n · S_w
-    trace = scatter.diagonal(dim1=1, dim2=2).sum(-1) / n
-    trace_of_square = scatter.square().sum((1, 2)) / n**2
-    alpha, a, c = _shrinkage_terms(trace, trace_of_square, n, d, shrinkage)
-    sigma = a[:, None, None] * scatter + c[:, None, None] * torch.eye(
-        d, dtype=x.dtype, device=x.device
-    )
-    difference = class_means[:, 1] - class_means[:, 0]
-    factor, info = torch.linalg.cholesky_ex(sigma)
-    if bool(info.any()):
-        raise ValueError(
-            "the within-class covariance is singular: use shrinkage='oas' or a shrinkage > 0"
-        )
-    return torch.cholesky_solve(difference[..., None], factor)[..., 0], alpha
+    within = x - torch.einsum("nc,lcd->lnd", onehot, class_means)
+    deviation = within.square().mean(1).sqrt()
+    kept = deviation > _CONSTANT_TOLERANCE * x.abs().amax(1)
+    inverse_scale = torch.where(kept, 1.0 / torch.where(kept, deviation, 1.0), 0.0)
+    difference = (class_means[:, 1] - class_means[:, 0]) * inverse_scale
+    return within * inverse_scale[:, None, :], difference, inverse_scale
 
 
-def _dual_fit(
-    gram: Float[Tensor, "layer n n"], is_unsafe: Tensor, d: int, shrinkage: Shrinkage
-) -> tuple[Float[Tensor, "layer n"], Float[Tensor, " layer"]]:
-    """The same direction as :func:`_primal_fit`, as coefficients ``β`` over the training rows
-    (``w = Xᵀ β``), from their Gram matrix ``X Xᵀ`` only.
+def _fit(
+    x: Float[Tensor, "layer n d"], is_unsafe: Bool[Tensor, " n"], shrinkage: Shrinkage, dual: bool
+) -> tuple[Float[Tensor, "layer d"], Float[Tensor, " layer"]]:
+    """Shrinkage-LDA direction of float64 rows ``x``, in inverse units of ``x``, and its α.
 
-    With ``Xc = (I − H) X`` the class-centered rows (``H`` maps a row to its class mean),
-    ``K = Xc Xcᵀ`` and ``Δ = Xᵀ m`` (``m`` = +1/n_unsafe, −1/n_safe), Woodbury gives
-    ``Σ⁻¹ Δ = (Δ − a · Xcᵀ (c I + a K)⁻¹ Xc Δ) / c``, i.e.
-    ``β = (m − a · (I − H)ᵀ v) / c`` with ``v = (c I + a K)⁻¹ (I − H) G m``.
+    In standardised coordinates (:func:`_standardise`) ``R = YᵀY / n`` is the within-class
+    correlation matrix; ``w̃ = ((1 − α) R + α · tr(R)/d · I)⁻¹ δ`` and ``w = w̃ / s``, i.e.
+    ``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)`` on the kept coordinates.
+    The primal solve uses the d × d ``YᵀY``; the dual one the n × n Gram ``K = YYᵀ`` with
+    Woodbury: ``w̃ = (δ − a · Yᵀ (c I + a K)⁻¹ Y δ) / c`` (same ``a``, ``c`` as
+    :func:`_shrinkage_terms`), exact either way.
     """
-    n = gram.shape[-1]
-    onehot, averaging = _class_operators(is_unsafe.to(gram.device), gram.dtype)
-
-    def center_rows(values: Tensor) -> Tensor:  # (I − H) values, values [layer, n, k]
-        return values - onehot @ (averaging.T @ values)
-
-    kernel = center_rows(center_rows(gram).transpose(1, 2))  # (I − H) G (I − H)ᵀ
+    rows, difference, inverse_scale = _standardise(x, is_unsafe)
+    n = rows.shape[1]
+    kept = inverse_scale > 0
+    kernel = rows @ rows.transpose(1, 2) if dual else rows.transpose(1, 2) @ rows
     trace = kernel.diagonal(dim1=1, dim2=2).sum(-1) / n
     trace_of_square = kernel.square().sum((1, 2)) / n**2
-    alpha, a, c = _shrinkage_terms(trace, trace_of_square, n, d, shrinkage)
-    contrast = (averaging[:, 1] - averaging[:, 0]).expand(gram.shape[0], n)[..., None]
-    system = a[:, None, None] * kernel + c[:, None, None] * torch.eye(
-        n, dtype=gram.dtype, device=gram.device
+    alpha, a, c = _shrinkage_terms(
+        trace, trace_of_square, n, kept.sum(-1).to(trace.dtype), shrinkage
     )
+    identity = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    system = a[:, None, None] * kernel + c[:, None, None] * identity
+    if not dual:  # dropped coordinates: decoupled, with a zero right-hand side
+        system = system + torch.diag_embed((~kept).to(system.dtype))
     factor, info = torch.linalg.cholesky_ex(system)
     if bool(info.any()):
         raise ValueError(
             "the within-class covariance is singular: use shrinkage='oas' or a shrinkage > 0"
         )
-    v = torch.cholesky_solve(center_rows(gram @ contrast), factor)
-    back = v - averaging @ (onehot.T @ v)  # (I − H)ᵀ v
-    return ((contrast - a[:, None, None] * back) / c[:, None, None])[..., 0], alpha
+    if dual:
+        v = torch.cholesky_solve(rows @ difference[..., None], factor)
+        standardised = (difference - a[:, None] * (rows.transpose(1, 2) @ v)[..., 0]) / c[:, None]
+    else:
+        standardised = torch.cholesky_solve(difference[..., None], factor)[..., 0]
+    return standardised * inverse_scale, alpha
 
 
 def _use_dual(solver: Solver, n: int, d: int) -> bool:
@@ -192,21 +199,20 @@ def lda_direction(
 ) -> tuple[Float[Tensor, "layer d"] | Float[Tensor, " d"], Float[Tensor, " layer"]]:
     """Shrinkage-LDA discriminant of two classes, per layer (float64, on ``x.device``).
 
-    ``w = Σ⁻¹ (μ_unsafe − μ_safe)``, ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` with ``S_w`` the
-    pooled within-class covariance (divided by n, as scikit-learn's LDA with
-    ``solver="lsqr"`` and a numeric ``shrinkage=α``, whose ``coef_`` equals ``w``).
+    Each coordinate is measured in units of its pooled within-class standard deviation ``s``
+    (coordinates constant within each class are dropped); there ``R`` (the within-class
+    correlation matrix, divided by n) is shrunk towards ``tr(R)/d · I = I`` with α:
+    ``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)``. Equivalently: scikit-learn's
+    ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage=α)`` fitted on ``x / s`` has
+    ``coef_ = w · s``.
 
     Returns:
         ``(w, α)``: ``w`` ``[layer, d]`` (``[d]`` for ``[n, d]`` input), in inverse units of
-        ``x``; ``α`` ``[layer]`` the shrinkage used.
+        ``x`` (``x · w`` is the projection); ``α`` ``[layer]`` the shrinkage used.
     """
     layered = as_layered(x).transpose(0, 1).to(torch.float64)
     n, d = layered.shape[1], layered.shape[2]
-    if _use_dual(solver, n, d):
-        beta, alpha = _dual_fit(layered @ layered.transpose(1, 2), is_unsafe, d, shrinkage)
-        direction = torch.einsum("ln,lnd->ld", beta, layered)
-    else:
-        direction, alpha = _primal_fit(layered, is_unsafe, shrinkage)
+    direction, alpha = _fit(layered, is_unsafe, shrinkage, _use_dual(solver, n, d))
     return (direction[0] if x.ndim == 2 else direction), alpha
 
 
@@ -219,7 +225,8 @@ def cross_validated_projections(
     solver: Solver = "auto",
     check_constant: str | None = None,
 ) -> tuple[Float[Tensor, "layer n"], Float[Tensor, "fold layer"]]:
-    """Each row's projection ``x · w`` on the shrinkage-LDA direction fitted without its fold.
+    """Each row's projection ``x · w`` on the shrinkage-LDA direction fitted without its fold
+    (standardisation included: ``s`` comes from the training folds only).
 
     Args:
         x: one category's rows ``[n, layer, d]`` (or ``[n, d]``), any float dtype.
@@ -230,8 +237,9 @@ def cross_validated_projections(
 
     Returns:
         ``(projections [layer, n], α [fold, layer])``, float64 on ``x.device``; the
-        projections equal scikit-learn's ``decision_function − intercept_`` for the same folds
-        and α.
+        projections equal scikit-learn's ``decision_function − intercept_`` of the LDA fitted
+        on the training folds divided by their ``s``, applied to the held-out rows divided by
+        the same ``s``.
     """
     layered = as_layered(x)
     n, n_layers, d = layered.shape
@@ -240,39 +248,29 @@ def cross_validated_projections(
     device = layered.device
     folds, is_unsafe = folds.to(device), is_unsafe.to(device)
     projections, alphas = [], []
-    # Large chunks: the per-fold work is many small batched solves, cheaper in fewer calls.
     for layers in layer_chunks(torch.arange(n_layers), n, d, budget=_CHUNK_BYTES):
         chunk = layered[:, layers.to(device)].to(torch.float64).transpose(0, 1)  # [l, n, d]
-        mean = chunk.mean(1, keepdim=True)
-        centered = chunk - mean  # conditioning: the Gram of raw activations is ill-scaled
         if check_constant is not None:
-            _check_not_constant(centered, check_constant, layers)
-        if dual:
-            gram = centered @ centered.transpose(1, 2)
-            offset = (centered @ mean.transpose(1, 2))[..., 0]  # x_c · mean, so x · w follows
+            _check_not_constant(chunk, check_constant, layers)
         chunk_projections = torch.empty(len(layers), n, dtype=torch.float64, device=device)
         chunk_alphas = []
         for fold in range(n_folds):
             train = torch.nonzero(folds != fold).flatten()
             held_out = torch.nonzero(folds == fold).flatten()
-            if dual:
-                beta, alpha = _dual_fit(gram[:, train][:, :, train], is_unsafe[train], d, shrinkage)
-                values = torch.einsum("lmn,ln->lm", gram[:, held_out][:, :, train], beta)
-                values += (offset[:, train] * beta).sum(-1, keepdim=True)
-            else:
-                direction, alpha = _primal_fit(centered[:, train], is_unsafe[train], shrinkage)
-                values = torch.einsum("lmd,ld->lm", chunk[:, held_out], direction)
-            chunk_projections[:, held_out] = values
+            direction, alpha = _fit(chunk[:, train], is_unsafe[train], shrinkage, dual)
+            chunk_projections[:, held_out] = torch.einsum(
+                "lmd,ld->lm", chunk[:, held_out], direction
+            )
             chunk_alphas.append(alpha)
         projections.append(chunk_projections)
         alphas.append(torch.stack(chunk_alphas))
     return torch.cat(projections), torch.cat(alphas, dim=1)
 
 
-def _check_not_constant(centered: Tensor, category: str, layers: Tensor) -> None:
-    spread = centered.square().sum((1, 2))
-    if bool((spread == 0).any()):
-        layer = int(layers[int(torch.nonzero(spread == 0)[0])])
+def _check_not_constant(chunk: Tensor, category: str, layers: Tensor) -> None:
+    constant = ~(chunk != chunk[:, :1]).any(-1).any(-1)
+    if bool(constant.any()):
+        layer = int(layers[int(torch.nonzero(constant)[0])])
         raise ValueError(
             f"category {category!r}: every row has the same activation at layer position "
             f"{layer}; separation is undefined"
