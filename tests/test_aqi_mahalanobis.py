@@ -14,7 +14,9 @@ from sklearn.covariance import OAS
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from mahals.aqi import (
+    CENTRED_OVERALL,
     OVERALL,
+    category_centred_projections,
     cross_validated_projections,
     evaluate,
     evaluate_activations,
@@ -265,6 +267,54 @@ def test_overall_is_the_mean_of_the_categories_and_records_cells_and_width():
     assert [(s.n_safe, s.n_unsafe) for s in categories] == [(20, 20)] * 3
     assert report.settings["d"] == 30 and report.settings["n_folds"] == 5
     assert report.layers == (0, 1, 2) and report.settings["seed"] == 42
+
+
+def test_centred_overall_is_unchanged_by_a_per_category_offset_that_breaks_plain_pooling():
+    # A topic shift: each category's rows (both labels) moved by a large offset along the
+    # class difference, + for one category and − for another. Pooling the rows as they are
+    # mixes the shift into "within class"; removing each category's mean cancels it.
+    x, axioms, labels = run()
+    unsafe = torch.tensor([label == "unsafe" for label in labels])
+    offsets = {"noise": 0.0, "planted": 6.0, "mild": -6.0}
+    shifted = x.clone()
+    for row, axiom in enumerate(axioms):
+        shifted[row, :, 0] += offsets[axiom]
+    before = evaluate_activations(x, axioms, labels, centred_overall=True)
+    after = evaluate_activations(shifted, axioms, labels, centred_overall=True)
+    centred, centred_after = before[CENTRED_OVERALL], after[CENTRED_OVERALL]
+    assert centred_after.layer_aqi == pytest.approx(centred.layer_aqi, abs=1e-9)
+    assert centred_after.ci_low == pytest.approx(centred.ci_low, abs=1e-9)
+    assert centred.n == len(axioms) and before.axioms == ["mild", "noise", "planted"]
+    pooled = score(x, unsafe)  # all rows as one category, not centred
+    assert score(shifted, unsafe) < pooled - 20.0
+
+
+def test_category_centred_projections_equal_sklearn_on_centred_standardised_rows():
+    x, axioms, labels = run()
+    x = x[:, 0].double()
+    unsafe = torch.tensor([label == "unsafe" for label in labels])
+    names = sorted(set(axioms))
+    category = torch.tensor([names.index(a) for a in axioms])
+    folds = stratified_folds(unsafe, 5, torch.Generator().manual_seed(17))
+    projections, alphas = category_centred_projections(x, unsafe, category, folds)
+    rows, is_unsafe = x.numpy(), unsafe.numpy()
+    for fold in range(5):
+        train, held_out = (folds != fold).numpy(), (folds == fold).numpy()
+        centred = rows.copy()
+        for index in range(len(names)):
+            members = category.numpy() == index
+            midpoint = np.mean(
+                [rows[members & train & (is_unsafe == label)].mean(0) for label in (0, 1)],
+                axis=0,
+            )
+            centred[members] -= midpoint
+        scale, class_centred = standardised(centred[train], is_unsafe[train])
+        expected_alpha = OAS(assume_centered=True).fit(class_centred / scale).shrinkage_
+        assert float(alphas[fold, 0]) == pytest.approx(expected_alpha, rel=1e-10)
+        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=expected_alpha)
+        model.fit(centred[train] / scale, is_unsafe[train])
+        expected = model.decision_function(centred[held_out] / scale) - model.intercept_[0]
+        np.testing.assert_allclose(projections[0, held_out].numpy(), expected, rtol=1e-7)
 
 
 def test_length_baseline_scores_what_length_alone_separates():
