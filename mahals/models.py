@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from nnsight.intervention.source import STATE as NNSIGHT_STATE
 from nnsight.modeling.transformers import TransformersModel
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mahals.arch import ArchAdapter, adapter_for, attn_implementation_for
@@ -232,10 +233,14 @@ def _complete_safetensors(path: Path) -> bool:
 
 
 def _complete_checkpoint(folder: Path) -> bool:
-    """Whether ``folder`` holds a config and complete safetensors weights (every shard an
-    index names)."""
-    if not (folder / "config.json").is_file():
-        return False
+    """Whether ``folder`` holds a readable config and tokenizer config (JSON objects) and
+    complete safetensors weights (every shard an index names)."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            if not isinstance(json.loads((folder / name).read_text()), dict):
+                return False
+        except (OSError, ValueError):
+            return False
     index = folder / "model.safetensors.index.json"
     try:
         names = (
@@ -248,18 +253,41 @@ def _complete_checkpoint(folder: Path) -> bool:
     return all(_complete_safetensors(folder / name) for name in names)
 
 
-def _dequantised_checkpoint(gguf_path: Path) -> Path:
-    """A safetensors checkpoint equivalent to ``gguf_path``, made once and cached.
-
-    Made under a lock file beside it (one process dequantises, the others wait and reuse its
-    result); staging folders left by a killed process are removed by the next one, and an
-    incomplete cached copy is rebuilt.
-    """
+def _dequantised_folder(gguf_path: Path) -> Path:
+    """Where the dequantised copy of ``gguf_path`` is cached (named by its path, size, mtime)."""
     stat = gguf_path.stat()
     digest = hashlib.sha256(
         f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
     ).hexdigest()[:16]
-    target = cache_dir() / "dequantised" / f"{gguf_path.stem}-{digest}"
+    return cache_dir() / "dequantised" / f"{gguf_path.stem}-{digest}"
+
+
+def _dequantise(gguf_path: Path, folder: Path) -> None:
+    """Write ``gguf_path`` as an ordinary float32 safetensors checkpoint (weights, config,
+    tokenizer) into the existing empty ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # A GGUF-loaded model carries quantization_config=gguf and refuses save_pretrained,
+    # although its weights are already plain fp32 tensors: drop the marker so it saves as a
+    # normal model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _dequantised_checkpoint(gguf_path: Path) -> Path:
+    """A safetensors checkpoint equivalent to ``gguf_path``, made once and cached.
+
+    Made under a lock file beside it (one process dequantises, the others wait and reuse its
+    result) in a staging folder renamed into place when complete; staging folders left by a
+    killed process are removed by the next one (under the lock, so never another's), and an
+    incomplete or unreadable cached copy is rebuilt.
+    """
+    target = _dequantised_folder(gguf_path)
     if _complete_checkpoint(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -273,25 +301,37 @@ def _dequantised_checkpoint(gguf_path: Path) -> Path:
         if target.exists():
             logger.warning("dequantised cache %s is incomplete; rebuilding it", target)
             shutil.rmtree(target)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
-        # A GGUF-loaded model carries quantization_config=gguf and refuses save_pretrained,
-        # although its weights are already plain fp32 tensors: drop the marker so it saves as a
-        # normal model.
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            _dequantise(gguf_path, staging)
             os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return target
+
+
+def _broken_cache_hint(resolved: str | Path) -> str | None:
+    """How to rebuild the cached copy that ``resolved`` loads from, when it is a cache: mahals'
+    dequantised GGUF cache, or the hub cache holding repo id ``resolved`` (``None`` otherwise)."""
+    if isinstance(resolved, Path):
+        dequantised = cache_dir().resolve() / "dequantised"
+        if dequantised in resolved.resolve().parents:
+            return (
+                f"the dequantised GGUF cache {resolved} is broken: delete that folder and load "
+                "again to rebuild it from the .gguf file"
+            )
+        return None
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / f"models--{resolved.replace('/', '--')}"
+    if not folder.is_dir():
+        return None
+    return (
+        f"if its copy in the hub cache {folder} is damaged (an interrupted download, a "
+        f"truncated file), delete that folder and load again online to download it again "
+        f"(or: hf cache delete / huggingface-cli download {resolved} --force-download)"
+    )
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
@@ -500,10 +540,13 @@ def load_model(
                 trust_remote_code=remote_code,
                 **placement,
             )
-        except OSError as err:
+        except (OSError, SafetensorError) as err:
+            hint = _broken_cache_hint(resolved)
             if isinstance(resolved, Path):
-                raise OSError(f"could not load model {name!r} from {resolved}: {err}") from err
-            raise _hub_error(name, str(resolved), err) from err
+                where = hint or f"from {resolved}"
+                raise OSError(f"could not load model {name!r}: {where} ({err})") from err
+            hub_error = _hub_error(name, str(resolved), err)
+            raise (OSError(f"{hub_error}; {hint}") if hint else hub_error) from err
         adapter = adapter if adapter is not None else (spec.adapter if spec else None)
         if adapter is not None:
             from mahals.pairs import merge_lora
@@ -564,6 +607,9 @@ def _load_tokenizer(where, name: str, *, trust_remote_code: bool = False):
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
+        hint = _broken_cache_hint(where) if isinstance(where, str | Path) else None
+        if hint is not None:
+            raise OSError(f"could not load the tokenizer of {name!r}: {hint} ({err})") from err
         raise ValueError(
             f"no tokenizer found for model {name!r} at {where}: pass tokenizer= "
             f"(a tokenizer object or where to load one from) ({err})"

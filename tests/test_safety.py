@@ -538,6 +538,160 @@ def test_dequantised_cache_cleans_stale_staging_and_rebuilds_a_truncated_copy(
     assert model.n_layers == 30
 
 
+_FAKE_DEQUANTISER = """
+import os, sys, time
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from mahals import models
+
+gguf, runs, hold, go = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), Path(sys.argv[4])
+
+
+def fake_dequantise(gguf_path, folder):  # the locking and staging around it are the real ones
+    with runs.open("a") as handle:
+        handle.write(f"{os.getpid()} {folder.name}\\n")
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    (folder / "tokenizer_config.json").write_text("{}")
+    save_file({"w": torch.arange(1000.0)}, str(folder / "model.safetensors"))
+    time.sleep(hold)  # the window in which a second process arrives, or a kill lands
+
+
+models._dequantise = fake_dequantise
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+print(models._dequantised_checkpoint(gguf), flush=True)
+"""
+
+
+def _dequantiser(tmp_path: Path, hold: float) -> subprocess.Popen:
+    """A real process building the dequantised cache of ``tmp_path/model.gguf`` into
+    ``tmp_path/cache`` once ``tmp_path/go`` exists (its dequantiser replaced by a fast fake)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", _FAKE_DEQUANTISER, str(tmp_path / "model.gguf"),
+         str(tmp_path / "runs.txt"), str(hold), str(tmp_path / "go")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MAHALS_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert process.stdout.readline().strip() == "ready", process.stderr.read()[-2000:]
+    return process
+
+
+def _staging_folders(tmp_path: Path) -> list[Path]:
+    return [p for p in (tmp_path / "cache" / "dequantised").glob(".*") if p.is_dir()]
+
+
+def test_two_processes_building_one_dequantised_cache_both_succeed(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF stand-in")
+    first, second = _dequantiser(tmp_path, hold=2.0), _dequantiser(tmp_path, hold=2.0)
+    (tmp_path / "go").touch()  # both start at once
+    outputs = [process.communicate(timeout=120) for process in (first, second)]
+    assert [process.returncode for process in (first, second)] == [0, 0], outputs
+    folders = {Path(stdout.strip()) for stdout, _ in outputs}
+    assert len(folders) == 1  # the same cache folder
+    (folder,) = folders
+    assert len((tmp_path / "runs.txt").read_text().splitlines()) == 1  # dequantised once
+    assert load_tensors(folder / "model.safetensors")["w"].equal(torch.arange(1000.0))
+    assert _staging_folders(tmp_path) == []
+
+
+def test_staging_left_by_a_killed_dequantisation_is_removed_by_the_next_start(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF stand-in")
+    killed = _dequantiser(tmp_path, hold=120.0)
+    (tmp_path / "go").touch()
+    runs = tmp_path / "runs.txt"
+    deadline = time.monotonic() + 60
+    while not runs.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)  # mid-write: its staging folder holds a partial copy
+    killed.communicate(timeout=30)
+    (leftover,) = _staging_folders(tmp_path)
+    assert leftover.name == runs.read_text().split()[1]
+    after = _dequantiser(tmp_path, hold=0.0)
+    stdout, stderr = after.communicate(timeout=120)
+    assert after.returncode == 0, stderr[-2000:]
+    assert _staging_folders(tmp_path) == [] and not leftover.exists()
+    assert load_tensors(Path(stdout.strip()) / "model.safetensors")["w"].equal(torch.arange(1000.0))
+
+
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch, tiny_tokenizer):
+    """A ``.gguf`` stand-in whose dequantiser writes a tiny llama; counts its calls."""
+    from mahals import models
+
+    monkeypatch.setenv("MAHALS_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def dequantise(gguf_path, folder):
+        calls.append(folder)
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+
+    monkeypatch.setattr(models, "_dequantise", dequantise)
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(b"GGUF stand-in")
+    return path, calls
+
+
+def _first_tensor_dtype(weights: Path, dtype: str) -> None:
+    """Rewrite the first tensor's dtype in a safetensors header, keeping every size intact."""
+    data = bytearray(weights.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = data[8 : 8 + length].decode()
+    first = header.index('"dtype":"') + len('"dtype":"')
+    data[8 + first : 8 + first + 3] = dtype.encode()
+    weights.write_bytes(bytes(data))
+
+
+def test_broken_dequantised_cache_is_rebuilt_or_named_with_how_to_rebuild(fake_gguf):
+    from mahals.models import _dequantised_folder, load_model
+
+    gguf, calls = fake_gguf
+    load_model(str(gguf), device="cpu")
+    folder = _dequantised_folder(gguf)
+    assert len(calls) == 1 and folder.is_dir()
+    (folder / "config.json").write_text("{broken")  # unreadable config: rebuilt
+    load_model(str(gguf), device="cpu")
+    (folder / "tokenizer_config.json").unlink()  # tokenizer gone: rebuilt
+    load_model(str(gguf), device="cpu")
+    weights = folder / "model.safetensors"
+    with weights.open("r+b") as handle:  # truncated: rebuilt
+        handle.truncate(weights.stat().st_size // 2)
+    load_model(str(gguf), device="cpu")
+    assert len(calls) == 4
+    _first_tensor_dtype(weights, "Q9Z")  # complete and parseable, yet unloadable
+    with pytest.raises(OSError, match=f"dequantised GGUF cache {folder} is broken: delete that"):
+        load_model(str(gguf), device="cpu")
+    assert len(calls) == 4  # not rebuilt behind the user's back: the message says how
+
+
+def test_broken_hub_cache_names_the_folder_and_how_to_download_again(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from mahals.models import load_model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    snapshot = repo / "snapshots" / commit
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config("llama")).save_pretrained(snapshot)
+    from conftest import char_tokenizer
+
+    char_tokenizer().save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert load_model("someone/tiny", device="cpu").n_layers == 3
+    weights = snapshot / "model.safetensors"
+    with weights.open("r+b") as handle:  # an interrupted download
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(OSError, match=f"hub cache {repo}.*delete that folder.*--force-download"):
+        load_model("someone/tiny", device="cpu")
+
+
 # ------------------------------------------------------------------ 9. no remote code
 
 
