@@ -213,6 +213,21 @@ def test_dual_path_equals_primal_path():
         torch.testing.assert_close(dual_values, primal_values, rtol=1e-8, atol=1e-12)
 
 
+def test_float32_activations_match_the_float64_computation():
+    # float32 activations use float32 inner products (Gram, scatter); means, variances,
+    # shrinkage and solves stay float64. The held-out projections agree with the all-float64
+    # computation on the same values to float32 accuracy.
+    x, is_unsafe = planted(25, 300, shift=1.0, seed=18, n_layers=2)
+    x = (x * torch.logspace(-2, 2, 300, dtype=torch.float64) + 50.0).float()
+    folds = stratified_folds(is_unsafe, 5, torch.Generator().manual_seed(19))
+    for solver in ("primal", "dual"):
+        single = cross_validated_projections(x, is_unsafe, folds, solver=solver)
+        double = cross_validated_projections(x.double(), is_unsafe, folds, solver=solver)
+        torch.testing.assert_close(single[1], double[1], rtol=1e-5, atol=0.0)
+        spread = double[0].std(-1, keepdim=True)
+        assert ((single[0] - double[0]).abs() / spread).max() < 1e-4
+
+
 # ----------------------------------------------------------------------------- report behaviour
 
 
