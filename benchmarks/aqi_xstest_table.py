@@ -44,7 +44,12 @@ def table(name: str, xstest: Path, shuffles: int) -> None:
     layers = [0, n_layers // 2, n_layers - 1]
     mean = mahals.capture(model, texts, pool="mean", sinks="none", layers=layers)
     sink_free = mahals.capture(model, texts, pool="mean", sinks="first", layers=layers)
-    options = {"axioms": axioms, "labels": labels, "layer_ids": mean.layers}
+    options = {
+        "axioms": axioms,
+        "labels": labels,
+        "layer_ids": mean.layers,
+        "model_name": model.name,
+    }
     report = evaluate_activations(
         mean.tensor,
         n_tokens=mean.n_tokens,

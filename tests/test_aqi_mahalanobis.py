@@ -214,7 +214,7 @@ def test_dual_path_equals_primal_path():
 
 
 def test_float32_activations_match_the_float64_computation():
-    # float32 activations use float32 inner products (Gram, scatter); means, variances,
+    # float32 activations on a CPU use float32 inner products (Gram, scatter); means, variances,
     # shrinkage and solves stay float64. The held-out projections agree with the all-float64
     # computation on the same values to float32 accuracy.
     x, is_unsafe = planted(25, 300, shift=1.0, seed=18, n_layers=2)

@@ -13,8 +13,9 @@ attention sink) counts as one ordinary dimension. The held-out fold is projected
 scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η² of the 1-D projection
 (reported alongside), averaged over folds. With fewer rows than dimensions the solve uses the
 rows' Gram matrix (dual form, Woodbury identity), which is exact. Confidence intervals come
-from a bootstrap of the held-out rows within each (fold, label) cell. Torch float64
-throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas and the reasons behind each
+from a bootstrap of the held-out rows within each (fold, label) cell. Torch, CPU or GPU;
+float64 except the d-long inner products of float32 activations on a CPU
+(:func:`_product_dtype`). See ``docs/aqi.md`` for the formulas and the reasons behind each
 choice.
 """
 
@@ -118,11 +119,13 @@ def _shrinkage_terms(
 # --------------------------------------------------------------------------------------------
 
 
-def _product_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Precision of the d-long inner products (Gram, scatter, projections of the standardised
-    rows): the activations' own when they are float32 or narrower, else float64. Means,
-    variances, shrinkage and the solves are float64 whatever the input."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _product_dtype(x: Tensor) -> torch.dtype:
+    """Precision of the d-long inner products (Gram, scatter) of the standardised rows:
+    float32 for float32-or-narrower activations on a CPU (their own precision; these products
+    are most of the CPU time), float64 otherwise (on a GPU float64 is cheap enough, and it is
+    unaffected by TF32 settings). Means, variances, shrinkage and the solves are float64."""
+    single = x.dtype != torch.float64 and x.device.type == "cpu"
+    return torch.float32 if single else torch.float64
 
 
 def _cell_sums(
@@ -189,7 +192,7 @@ def _design_of(
     centred = centred - shift
     sums, squares, _ = _cell_sums(centred, is_unsafe.long().to(x.device), 2)
     by_label = torch.argsort(is_unsafe.to(torch.uint8), stable=True).to(x.device)
-    rows = centred[:, by_label].to(product_dtype or _product_dtype(x.dtype))
+    rows = centred[:, by_label].to(product_dtype or _product_dtype(x))
     return _standardised_design(rows, int((~is_unsafe).sum()), sums, squares, shift)
 
 
@@ -331,7 +334,7 @@ def cross_validated_projections(
             [torch.linalg.vector_norm(centred[:, block], dim=1).square() for block in blocks], 1
         )
         sums, squares = sums.unflatten(1, (2, n_folds)), squares.unflatten(1, (2, n_folds))
-        product_rows = centred.to(_product_dtype(layered.dtype))
+        product_rows = centred.to(_product_dtype(layered))
         chunk_alphas = []
         for fold in range(n_folds):
             train = torch.nonzero(sorted_folds != fold).flatten()
@@ -555,7 +558,7 @@ def category_centred_projections(
             centred = chunk - label_means.mean(2)[:, category]
             train = torch.nonzero(folds != fold).flatten()
             held_out = torch.nonzero(folds == fold).flatten()
-            design = _design_of(centred[:, train], is_unsafe[train], _product_dtype(layered.dtype))
+            design = _design_of(centred[:, train], is_unsafe[train], _product_dtype(layered))
             direction, alpha = _solve(design, shrinkage, dual)
             chunk_projections[:, held_out] = torch.einsum(
                 "lmd,ld->lm", centred[:, held_out], direction
