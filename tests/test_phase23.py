@@ -243,3 +243,43 @@ def test_killed_run_resumes_without_recomputing_finished_items(setup, finished, 
     assert resumed.pending == ()
     assert _stable(resumed.summary_path)["agents"] == _stable(finished.summary_path)["agents"]
     assert partial_writes(interrupted) == []
+
+
+@pytest.mark.slow
+def test_real_dpo_pair_vector_carried_to_gemma3(tmp_path):
+    """SmolLM2 DPO demo pair (30 × 576) → Gemma-3-270M (18 × 640), small: 16 extraction rows,
+    8 evaluation rows, 100 map rows, λ = 1."""
+    from mahals.pairs import pair_row_splits
+    from mahals.pipelines.demo import phase2_demo_config
+    from mahals.pipelines.phase2 import run_phase2
+
+    hh_rlhf = SHARED_DATA / "hh-rlhf"
+    vectors = phase2_demo_config(tmp_path / "vectors", hh_rlhf_root=hh_rlhf, n=16)
+    run_phase2(vectors)
+    config = phase23.demo_config(
+        tmp_path / "out", vectors_dir=vectors.out_dir, hh_rlhf_root=hh_rlhf
+    )
+    config = Phase23Config(**{**vars(config), "n_eval": 8, "n_fit": 100, "lambdas": (1.0,),
+                              "homophily_lambda": 1.0, "aqi_per_cell": 3, "n_generate": 4,
+                              "max_new_tokens": 4})  # fmt: skip
+    summary = _stable(run_phase23(config).summary_path)
+    gemma = summary["agents"]["gemma-3-270m"]
+    # Gemma's last five blocks at SmolLM2's relative depth (30 layers → 18): hand values
+    assert gemma["map"]["pairs"] == [[22, 13], [24, 14], [26, 15], [27, 16], [29, 17]]
+    assert all(entry["held_out_r2"] > 0 for entry in gemma["map"]["layers"])
+    projected = SteeringVector.load(
+        tmp_path / "out" / "gemma-3-270m" / "map" / "projected_vector.safetensors"
+    )
+    assert projected.vectors.shape == (5, 640) and projected.layers == (13, 14, 15, 16, 17)
+    points = gemma["points"]
+    assert points["none"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert points["projected/lambda_1"]["kl"] > 1e-4
+    splits = pair_row_splits(load_registry().pair("SmolLM2_DPO_demo"))
+    rows = {
+        row.source_index: row
+        for row in load_hh_rlhf(str(hh_rlhf), data_dir="harmless-base", verbose=False)
+    }
+    held_out = splits.split_of("evaluation")
+    assert all(row_hash(rows[i]) in held_out for i in summary["data"]["eval_source_rows"])
+    assert not any(row_hash(rows[i]) in held_out for i in summary["map_rows"]["source_rows"])
+    assert summary["homophily"]["spread"] is not None

@@ -267,7 +267,10 @@ def run_phase23(
     source = load_pair_data(source_agent.pair, scoring, aqi, tokenizer_loader)
     source.vectors["native"] = source.vectors["chosen"]
     agents = {key: resolve_agent(key, registry) for key in config.targets}
-    natives = {key: native_vector(agent, config.vectors_dir) for key, agent in agents.items()}
+    natives = {
+        key: native_vector(agent, config.vectors_dir, source.eval_rows)
+        for key, agent in agents.items()
+    }
     rows = map_rows(config, forbidden_for_maps([source_agent, *agents.values()], source.eval_rows))
     run = _Run(config, source, {config.source: source_agent, **agents}, natives, map_texts(rows),
                tokenizer_loader, {config.source: source}, {})  # fmt: skip
@@ -375,7 +378,7 @@ def demo_config(
 ) -> Phase23Config:
     """A small offline Phase 2.3 on CPU: the DPO demo pair's vector (run the Phase 2.1 demo
     into ``vectors_dir`` first) carried to Gemma-3-270M; 16 held-out evaluation rows, 200 map
-    rows (400 texts), λ ∈ {0.5, 1, 2} (homophily at λ = 1), XSTest prompts 5 per cell for AQI,
+    rows (400 texts), λ ∈ {1, 2} (homophily at λ = 1), XSTest prompts 5 per cell for AQI,
     8 generations of 16 tokens."""
     from mahals.pipelines.demo import DEMO_MAX_CHARS, DEMO_SUBSET, find_demo_hh_rlhf
 
@@ -383,7 +386,7 @@ def demo_config(
     return Phase23Config(
         source="SmolLM2_DPO_demo", targets=("gemma-3-270m",), vectors_dir=vectors_dir,
         dataset=str(hh_rlhf), data_dir=DEMO_SUBSET, n_eval=16, n_fit=200, max_chars=DEMO_MAX_CHARS,
-        lambdas=(0.5, 1.0, 2.0), homophily_lambda=1.0, xstest=str(hh_rlhf.parent / "xstest" / "xstest_prompts.csv"),
+        lambdas=(1.0, 2.0), homophily_lambda=1.0, xstest=str(hh_rlhf.parent / "xstest" / "xstest_prompts.csv"),
         aqi_per_cell=5, n_generate=8, max_new_tokens=16, top_k=64, n_bootstrap=500,
         batch_size=16, out_dir=out_dir, checkpoint=checkpoint,
     )  # fmt: skip

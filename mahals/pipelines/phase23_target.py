@@ -86,12 +86,21 @@ def resolve_agent(key: str, registry: Registry) -> Agent:
     raise RegistryError(f"unknown agent {key!r}: neither a pair nor a model of the registry")
 
 
-def native_vector(agent: Agent, vectors_dir: Path) -> SteeringVector | None:
-    """The agent's own Phase 2.1 vector, when it is a pair with one in ``vectors_dir``."""
-    path = vectors_dir / agent.key / vector_files(0)[0]
+def native_vector(
+    agent: Agent, vectors_dir: Path, eval_rows: Sequence[PreferencePair]
+) -> SteeringVector | None:
+    """The agent's own Phase 2.1 vector, when it is a pair with one in ``vectors_dir``; refused
+    (:class:`~mahals.evaluation.EvaluationLeakError`) if it was extracted on an evaluation row."""
+    chosen_file, _, _ = vector_files(0)
+    path = vectors_dir / agent.key / chosen_file
     if not agent.has_pair or not path.is_file():
         return None
-    return SteeringVector.load(path)
+    native = SteeringVector.load(path)
+    check_disjoint_rows(
+        [row_hash(row) for row in eval_rows], native.extra.get("row_sha256") or (),
+        what=f"{agent.key} native vector",
+    )  # fmt: skip
+    return native
 
 
 def target_layers(config: Phase23Config, n_layers: int) -> tuple[int, ...]:
@@ -161,14 +170,8 @@ def agent_data(
 ) -> PairData:
     """The agent's :class:`PairData` for Phase 2.2's scoring: the source's evaluation rows and
     XSTest prompts, formatted as the agent reads them (its pair's rule; a lone model reads chat
-    when it has a template, plain otherwise). ``vectors["chosen"]`` sets the AQI pooling; the
-    native vector's extraction rows must not be evaluation rows."""
+    when it has a template, plain otherwise). ``vectors["chosen"]`` sets the AQI pooling."""
     native = vectors.get("native")
-    if native is not None:
-        check_disjoint_rows(
-            [row_hash(row) for row in source.eval_rows], native.extra.get("row_sha256") or (),
-            what=f"{agent.key} native vector",
-        )  # fmt: skip
     if agent.has_pair:
         rule = (
             (native.extra.get("pairing") if native else None)
