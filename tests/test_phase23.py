@@ -135,7 +135,8 @@ def test_cosine_to_the_native_vector_is_reported_per_layer(finished, setup):
         a = projected.layer(entry["target_layer"]).double().numpy()
         b = native.layer(entry["target_layer"]).double().numpy()
         cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
-        assert entry["cos_projected_native"] == pytest.approx(cosine, abs=1e-9)
+        # SteeringVector.cosine accumulates float32 vectors in float32
+        assert entry["cos_projected_native"] == pytest.approx(cosine, abs=1e-6)
         assert 0 <= entry["mean_abs_cos_random_source_native"] <= 1
     lone = json.loads((finished.out_dir / LONE_TARGET / "map" / "result.json").read_text())
     assert not lone["has_native"] and "cos_projected_native" not in lone["layers"][0]

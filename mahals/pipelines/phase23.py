@@ -275,15 +275,14 @@ def run_phase23(
     run = _Run(config, source, {config.source: source_agent, **agents}, natives, map_texts(rows),
                tokenizer_loader, {config.source: source}, {})  # fmt: skip
     points: dict[str, tuple[str, SweepPoint | None]] = {}
-    for point in _points(
-        config, source_agent, steered_layers(scoring, source.vectors["chosen"]), True
-    ):
-        points[f"{config.source}/{point.name}"] = (config.source, point)
-    for key, agent in agents.items():
+    for key, agent in agents.items():  # the transfer first; the source only anchors homophily
         points[f"{key}/map"] = (key, None)
         steered = target_layers(config, agent.model.n_layers)
         for point in _points(config, agent, steered, natives[key] is not None):
             points[f"{key}/{point.name}"] = (key, point)
+    source_layers = steered_layers(scoring, source.vectors["chosen"])
+    for point in _points(config, source_agent, source_layers, True):
+        points[f"{config.source}/{point.name}"] = (config.source, point)
     shared = {"source_vector_sha256": tensor_sha256(source.vectors["chosen"].vectors),
               "eval_rows_sha256": rows_sha256(source.eval_rows), "map_texts_sha256": texts_sha256(run.texts),
               **model_identity(source_agent.model, "source_model")}  # fmt: skip
