@@ -376,15 +376,15 @@ def demo_config(
     checkpoint: CheckpointChoice | None = None,
 ) -> Phase23Config:
     """A small offline Phase 2.3 on CPU: the DPO demo pair's vector (run the Phase 2.1 demo
-    into ``vectors_dir`` first) carried to Gemma-3-270M; 16 held-out evaluation rows, 200 map
-    rows (400 texts), λ ∈ {1, 2} (homophily at λ = 1), XSTest prompts 5 per cell for AQI,
+    into ``vectors_dir`` first) carried to Gemma-3-270M; 16 held-out evaluation rows, 64 map
+    rows (128 texts), λ ∈ {1, 2} (homophily at λ = 1), XSTest prompts 5 per cell for AQI,
     8 generations of 16 tokens."""
     from mahals.pipelines.demo import DEMO_MAX_CHARS, DEMO_SUBSET, find_demo_hh_rlhf
 
     hh_rlhf = find_demo_hh_rlhf(hh_rlhf_root)
     return Phase23Config(
         source="SmolLM2_DPO_demo", targets=("gemma-3-270m",), vectors_dir=vectors_dir,
-        dataset=str(hh_rlhf), data_dir=DEMO_SUBSET, n_eval=16, n_fit=200, max_chars=DEMO_MAX_CHARS,
+        dataset=str(hh_rlhf), data_dir=DEMO_SUBSET, n_eval=16, n_fit=64, max_chars=DEMO_MAX_CHARS,
         lambdas=(1.0, 2.0), homophily_lambda=1.0, xstest=str(hh_rlhf.parent / "xstest" / "xstest_prompts.csv"),
         aqi_per_cell=5, n_generate=8, max_new_tokens=16, top_k=64, n_bootstrap=500,
         batch_size=16, out_dir=out_dir, checkpoint=checkpoint,

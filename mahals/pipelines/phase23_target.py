@@ -132,15 +132,15 @@ def forbidden_for_maps(
 
 def map_rows(config: Phase23Config, forbidden: frozenset[str]) -> list[PreferencePair]:
     """The first ``config.n_fit`` distinct rows of the map data whose hash is not ``forbidden``
-    (and whose plain chosen transcript is at most ``config.max_chars`` long)."""
+    (and whose two texts, :func:`map_texts`, are at most ``config.max_chars`` long)."""
     dataset = load_hh_rlhf(
         config.dataset, data_dir=config.fit_data_dir or config.data_dir, split=config.split,
         verbose=False,
     )  # fmt: skip
     rows, seen = [], set(forbidden)
     for row in dataset:
-        text = format_conversation(row, "chosen", style="plain")
-        if config.max_chars is not None and len(text) > config.max_chars:
+        texts = map_texts([row])
+        if config.max_chars is not None and max(map(len, texts)) > config.max_chars:
             continue
         if row_hash(row) not in seen:
             seen.add(row_hash(row))
