@@ -201,7 +201,7 @@ def run_checkpointed(
                 _clear_item_folder(out_dir, item, keep=keep_on_fresh)
         identities = {item: dict(identity(item)) for item in items} if identity else {}
         for item in checkpoint.completed:
-            stale = _stale_reason(checkpoint, folders[item], identities.get(item), item_files)
+            stale = _stale_reason(checkpoint, item, folders[item], identities.get(item), item_files)
             if stale:
                 log.warning("%s: %s; computing it again", item, stale)
                 checkpoint.forget(item)
@@ -216,12 +216,12 @@ def run_checkpointed(
 
 def _stale_reason(
     checkpoint: Checkpoint,
+    item: str,
     folder: Path,
     current: Mapping[str, str] | None,
     item_files: Collection[str],
 ) -> str | None:
     """Why a completed item's recorded result cannot stand (``None`` if it can)."""
-    item = folder.name
     if current is not None:
         recorded = checkpoint.identity(item)
         changed = sorted(
