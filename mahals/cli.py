@@ -19,6 +19,7 @@ PHASES = {
     "phase1": ("mahals.pipelines.phase1", "Phase 1: baseline AQI of tuned models"),
     "phase2": ("mahals.pipelines.phase2", "Phase 2.1: extract steering vectors from base/tuned pairs"),
     "phase22": ("mahals.pipelines.phase22", "Phase 2.2: apply steering vectors, λ sweeps"),
+    "phase23": ("mahals.pipelines.phase23", "Phase 2.3: carry a steering vector to other architectures"),
     "pair": ("mahals.pairs", "DPO-LoRA pairs: train an adapter (pair dpo) or check one (pair evaluate)"),
     "demo": ("mahals.pipelines.demo", "offline demo: Phase 1 + Phase 2.1 on the small PyPI-shipped models"),
 }  # fmt: skip
