@@ -225,7 +225,9 @@ def run_checkpointed(
             _derive_entry(checkpoint, item, folders[item], identities.get(item), item_files)
         checkpoint.save()
         tasks = [
-            ItemTask(item, folders[item], checkpoint_name, checkpoint.settings, identities.get(item))
+            ItemTask(
+                item, folders[item], checkpoint_name, checkpoint.settings, identities.get(item)
+            )
             for item in checkpoint.pending
         ]
 
@@ -321,7 +323,10 @@ def _read_item_result(
     ):
         return None, f"{path} is not a mahals item result file of this version"
     if document.get("item") != item or document.get("run") != run:
-        return None, f"{path} belongs to another run ({document.get('run')}, {document.get('item')})"
+        return (
+            None,
+            f"{path} belongs to another run ({document.get('run')}, {document.get('item')})",
+        )
     if document.get("settings") != settings:
         return None, f"{path} was written with other settings"
     keys = ("result", "identity", "started_at", "completed_at")
