@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from mahals._time import utc_timestamp
+from mahals.cluster import ClusterError, FanOut, PlanError
 from mahals.io import atomic_write_json
 from mahals.pipelines.checkpoint import (
     CHECKPOINT_VERSION,
@@ -29,9 +30,6 @@ from mahals.pipelines.checkpoint import (
     add_checkpoint_flags,
 )
 from mahals.registry import RegistryError
-
-if TYPE_CHECKING:
-    from mahals.cluster import FanOut
 
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
@@ -43,6 +41,7 @@ __all__ = [
     "RunSummary",
     "holds_output_lock",
     "lock_output_folder",
+    "add_cluster_arguments",
     "add_run_arguments",
     "compute_item",
     "run_options",
@@ -65,6 +64,8 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     PermissionError,  # an output folder that cannot be written: found before any model loads
     NotADirectoryError,
     FloatingPointError,  # non-finite activations: the message says which dtype to use
+    PlanError,  # a model that cannot fit the GPUs its task was given
+    ClusterError,  # Ray missing for --ray-address, or the cluster unreachable
 )
 
 LOCK_NAME = ".mahals.lock"
@@ -448,7 +449,8 @@ def add_run_arguments(
 ) -> None:
     """The options both phases take, with the same names and meanings: ``--mode``,
     ``--pool``, ``--seed``, ``--batch-size``, ``--max-batch-tokens``, ``--no-cache``,
-    ``--out``, ``--wait``, ``--no-progress`` and ``--resume`` / ``--fresh`` / ``--skip``."""
+    ``--out``, ``--wait``, ``--no-progress``, ``--resume`` / ``--fresh`` / ``--skip`` and
+    ``--workers`` / ``--ray-address`` (:func:`add_cluster_arguments`)."""
     parser.add_argument("--mode", choices=("sanity", "full"), default="sanity", help=mode_help)
     parser.add_argument(
         "--pool", "--token", dest="pool", choices=pools, default=pool,
@@ -476,6 +478,21 @@ def add_run_arguments(
         help="no progress bars (default: shown on a terminal)",
     )  # fmt: skip
     add_checkpoint_flags(parser)
+    add_cluster_arguments(parser)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` and ``--ray-address auto|ADDR`` (:mod:`mahals.cluster`); parsed as
+    ``args.workers`` / ``args.ray_address``."""
+    parser.add_argument(
+        "--workers", type=_positive_int,
+        help="items computed in parallel as Ray tasks, each reserving the GPUs its model needs "
+        "(default 1: one after another, no Ray; with --ray-address: as many as the cluster holds)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", metavar="auto|ADDR",
+        help="run the items on an existing Ray cluster ('auto' or its address)",
+    )  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
@@ -504,6 +521,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "wait_for_lock": args.wait_for_lock,
         "checkpoint": args.checkpoint_choice,
         "progress": args.progress,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
     }
 
 
