@@ -43,6 +43,7 @@ __all__ = [
     "local_gpu_memory",
     "parameter_count",
     "ray_available",
+    "task_gpus",
     "weight_bytes",
 ]
 
@@ -162,7 +163,8 @@ class FanOut:
         started_here = not ray.is_initialized()
         if started_here:
             try:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=True)
+                # "local": a Ray of this run's own, even if another one runs on this machine
+                ray.init(address=self.address or "local", include_dashboard=False)
             except ConnectionError as error:
                 raise ClusterError(
                     f"cannot reach the Ray cluster at {self.address!r}: {error}"
@@ -183,7 +185,10 @@ class FanOut:
         for task in tasks:
             groups.setdefault(self.group(task.item) if self.group else task.item, []).append(task)
         requests = {
-            name: self._gpus(group, node_gpus, gpu_memory) for name, group in groups.items()
+            name: task_gpus(
+                [spec for task in group for spec in self.models(task.item)], node_gpus, gpu_memory
+            )
+            for name, group in groups.items()
         }
         log.info(
             "Ray: %d task(s) for %d item(s), at most %s at once; largest node: %d GPU(s)",
@@ -206,16 +211,21 @@ class FanOut:
                 for task, entry in zip(group, ray.get(ref), strict=True):
                     finished(task.item, entry)
 
-    def _gpus(self, group: Sequence[ItemTask], node_gpus: int, gpu_memory: int | None) -> int:
-        """GPUs reserved for a task: what its largest model needs, 0 on a cluster without
-        GPUs; refused (:class:`PlanError`) when no node has that many or they are too small."""
-        specs = [spec for task in group for spec in self.models(task.item)]
-        if node_gpus == 0:
-            return 0
-        for spec in specs:
-            check_fits(spec, node_gpus, None)  # some node has the GPUs it needs
-            check_fits(spec, spec.gpus, gpu_memory)  # and they hold its weights
-        return max((spec.gpus for spec in specs), default=1)
+
+def task_gpus(specs: Sequence[ModelSpec], node_gpus: int, gpu_memory: int | None) -> int:
+    """GPUs to reserve for a task that loads ``specs`` (one at a time) on a cluster whose
+    largest node has ``node_gpus``: what its largest model needs, 0 on a cluster without GPUs.
+
+    Raises:
+        PlanError: a model needs more GPUs than any node has, or its weights do not fit the
+            memory of the GPUs it needs (``gpu_memory`` bytes each; ``None``: not checked).
+    """
+    if node_gpus == 0:
+        return 0
+    for spec in specs:
+        check_fits(spec, node_gpus, None)  # some node has the GPUs it needs
+        check_fits(spec, spec.gpus, gpu_memory)  # and they hold its weights
+    return max((spec.gpus for spec in specs), default=1)
 
 
 def _run_group(compute: Callable[[str], Mapping[str, Any]], tasks: Sequence[ItemTask]) -> list:

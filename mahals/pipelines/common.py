@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -285,7 +286,9 @@ def compute_item(compute: Callable[[str], Mapping[str, Any]], task: ItemTask) ->
     if task.identity is not None:
         entry["identity"] = dict(task.identity)
     entry["completed_at"] = utc_timestamp()
-    _write_item_result(task, entry)
+    _write_item_result(
+        task, {**entry, "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+    )
     return entry
 
 
