@@ -542,15 +542,22 @@ def _dispatch(hf_model: PreTrainedModel, device_map: str | dict) -> PreTrainedMo
     between them). ``"auto"`` splits the decoder layers over the visible GPUs; a device name
     puts the whole model there."""
     from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
 
-    if device_map == "auto":
+    if device_map == "auto":  # balanced over the GPUs, as from_pretrained's "auto"
+        blocks = list(hf_model._no_split_modules or [])
         device_map = infer_auto_device_map(
-            hf_model, no_split_module_classes=hf_model._no_split_modules or []
+            hf_model,
+            max_memory=get_balanced_memory(hf_model, no_split_module_classes=blocks),
+            no_split_module_classes=blocks,
         )
     elif isinstance(device_map, str | torch.device):
         device_map = {"": str(device_map)}
-    hf_model = dispatch_model(hf_model, device_map=dict(device_map))
-    hf_model.hf_device_map = dict(device_map)
+    device_map = dict(device_map)
+    # A split map gets accelerate's hooks even when every part is on one device, so that path
+    # runs the same on a CPU as across GPUs.
+    hf_model = dispatch_model(hf_model, device_map=device_map, force_hooks=len(device_map) > 1)
+    hf_model.hf_device_map = device_map
     return hf_model
 
 

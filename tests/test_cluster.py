@@ -341,6 +341,7 @@ def test_a_model_dispatched_by_a_device_map_captures_steers_and_generates_as_uns
         generated_expected = plain.generate(prompts, max_new_tokens=4, chat=False).token_ids
     split = load_model(hf, tokenizer=tiny_tokenizer, device_map=_split_map(hf), verbose=False)
     assert split.hf.hf_device_map["model.layers.1"] == "cpu"
+    assert hasattr(split.hf.model.layers[1], "_hf_hook")  # accelerate's device hooks are on
     torch.testing.assert_close(capture(split, prompts, pool="mean").tensor, expected.tensor)
     with steer(split, Steering(vector, alpha=0.5, layers=(1,))):
         torch.testing.assert_close(capture(split, prompts, pool="last").tensor, steered_expected)
