@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import importlib.util
 import io
 import json
 import random
@@ -184,57 +185,82 @@ def _fanout_registry(smoke: bool) -> tuple[Registry, tuple[str, ...]]:
     return Registry(models=models), tuple(models)
 
 
-def fanout(args, gpus: int) -> dict:
-    """Phase 1 sanity on the shapes: sequential (one GPU) vs Ray tasks over ``gpus`` GPUs."""
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
-    registry, keys = _fanout_registry(args.smoke)
-    work = Path(tempfile.mkdtemp(prefix="mahals_scale_"))
-    data = work / "prompts.csv"
+def _write_prompts(path: Path, per_cell: int) -> Path:
     rng = random.Random(0)
-    with data.open("w", newline="") as handle:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["input", "axiom", "safety_label"])
         for axiom in AXIOMS:
             for label in ("safe", "unsafe"):
-                for text in prompts(rng, args.per_cell):
+                for text in prompts(rng, per_cell):
                     writer.writerow([text, axiom, label])
-    device = "cpu" if args.smoke else "cuda"
-    row = {"experiment": "fanout", "models": list(keys), "prompts_per_model": 8 * args.per_cell}
-    for mode in ("sequential", "ray"):
+    return path
+
+
+def _phase1(args, keys, data: Path, out: Path, timings: Path, **options):
+    registry, _ = _fanout_registry(args.smoke)
+    config = Phase1Config(models=tuple(keys), mode=None, per_cell=args.per_cell, dataset=str(data),
+                          n_bootstrap=50, out_dir=out, checkpoint="fresh", **options)  # fmt: skip
+    loader = TimedLoader("cpu" if args.smoke else "cuda", timings, args.smoke)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_phase1(config, loader=loader, registry=registry)
+
+
+def _process_part(rank: int, args, keys, data: Path, work: Path, timings: Path, parts: int) -> None:
+    """One process per GPU (the engine without Ray): its share of the models, its own folder."""
+    if not args.smoke:
+        torch.cuda.set_device(rank)
+    _phase1(args, keys[rank::parts], data, work / f"part_{rank}", timings)
+
+
+def fanout(args, gpus: int) -> dict:
+    """Phase 1 sanity on the shapes: sequential on one GPU, then one task per model over
+    ``gpus`` GPUs, through Ray (``--engine ray``) or one process per GPU (``processes``)."""
+    _, keys = _fanout_registry(args.smoke)
+    work = Path(tempfile.mkdtemp(prefix="mahals_scale_"))
+    data = _write_prompts(work / "prompts.csv", args.per_cell)
+    parallel = max(gpus, 2)
+    row = {"experiment": "fanout", "engine": args.engine, "models": list(keys),
+           "prompts_per_model": 8 * args.per_cell, "gpus": gpus}  # fmt: skip
+    for mode in ("sequential", args.engine):
         timings = work / f"timings_{mode}"
-        config = Phase1Config(models=keys, mode=None, per_cell=args.per_cell, dataset=str(data),
-                              n_bootstrap=50, out_dir=work / mode, checkpoint="fresh",
-                              workers=gpus if mode == "ray" else None)  # fmt: skip
-        if mode == "ray":
-            ray.init(num_gpus=0 if args.smoke else gpus, num_cpus=max(2, gpus),
-                     include_dashboard=False)  # fmt: skip
-        loader = TimedLoader(device, timings, args.smoke)
         started = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            summary = run_phase1(config, loader=loader, registry=registry)
+        if mode == "sequential":
+            _phase1(args, keys, data, work / mode, timings)
+            folders = {key: work / mode for key in keys}
+        elif mode == "ray":
+            import ray
+
+            ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
+            ray.init(num_gpus=gpus, num_cpus=parallel, include_dashboard=False)
+            try:
+                _phase1(args, keys, data, work / mode, timings, workers=parallel)
+            finally:
+                ray.shutdown()
+            folders = {key: work / mode for key in keys}
+        else:
+            spawn_args = (args, keys, data, work / mode, timings, parallel)
+            torch.multiprocessing.spawn(_process_part, args=spawn_args, nprocs=parallel)
+            folders = {key: work / mode / f"part_{i % parallel}" for i, key in enumerate(keys)}
         wall = time.perf_counter() - started
-        if mode == "ray":
-            ray.shutdown()
         creation = {p.stem: json.loads(p.read_text())["seconds"] for p in timings.glob("*.json")}
-        item_seconds = _item_seconds(work / mode, keys)
+        results = {key: _checkpointed(folders[key], key) for key in keys}
         row[mode] = {
             "wall_seconds": round(wall, 2),
             "weight_creation_seconds_summed": round(sum(creation.values()), 2),
             "per_model_seconds_excluding_weights": {
-                key: round(item_seconds[key] - creation.get(key, 0.0), 2) for key in keys},
-            "aqi": {k: round(v["AQI"], 4) for k, v in summary.results.items()},
+                key: round(results[key]["seconds"] - creation.get(key, 0.0), 2) for key in keys},
+            "aqi": {key: round(results[key]["AQI"], 4) for key in keys},
         }  # fmt: skip
-    row["gpus"] = gpus
-    row["same_aqi"] = row["sequential"]["aqi"] == row["ray"]["aqi"]
-    row["speedup_wall"] = round(row["sequential"]["wall_seconds"] / row["ray"]["wall_seconds"], 2)
+    row["same_aqi"] = row["sequential"]["aqi"] == row[args.engine]["aqi"]
+    row["speedup_wall"] = round(
+        row["sequential"]["wall_seconds"] / row[args.engine]["wall_seconds"], 2
+    )
     return row
 
 
-def _item_seconds(out: Path, keys) -> dict:
-    checkpoint = json.loads((out / "phase1_aqi_checkpoint.json").read_text())
-    return {key: checkpoint["results"][key]["result"]["seconds"] for key in keys}
+def _checkpointed(out: Path, key: str) -> dict:
+    return json.loads((out / "phase1_aqi_checkpoint.json").read_text())["results"][key]["result"]
 
 
 # ------------------------------------------------------------------------------ experiment c
@@ -369,6 +395,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--engine", choices=("ray", "processes"),
+                        default="ray" if importlib.util.find_spec("ray") else "processes",
+                        help="fanout: Ray tasks (default when installed) or one process per GPU")  # fmt: skip
     parser.add_argument("--json", help="append each result row as JSON to this file")
     args = parser.parse_args()
     if args.smoke:
@@ -394,7 +423,7 @@ def main() -> None:
                           "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
         report({**stamp, **split_equals_single(args, device_map, dtype)}, args.json)
     if "fanout" in args.only:
-        report({**stamp, **fanout(args, max(gpus, 2) if args.smoke else gpus)}, args.json)
+        report({**stamp, **fanout(args, gpus)}, args.json)
     if "big" in args.only:
         report({**stamp, **big_model(args, dtype)}, args.json)
 
