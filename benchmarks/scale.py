@@ -44,6 +44,7 @@ import shapes  # noqa: E402
 from shapes import RandomLoader, random_sentence, report, word_tokenizer  # noqa: E402
 
 from mahals.activations import capture  # noqa: E402
+from mahals.arch import attn_implementation_for  # noqa: E402
 from mahals.evaluation import answer_log_probs, scored_texts  # noqa: E402
 from mahals.models import load_model  # noqa: E402
 from mahals.pipelines.phase1 import Phase1Config, run_phase1  # noqa: E402
@@ -76,11 +77,11 @@ def tiny(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig
     """``config`` at smoke size: 4 layers, width 64, small vocabulary (shape only)."""
     values = config.to_dict()
     values.pop("layer_types", None)
-    heads = 4
     values.update(num_hidden_layers=4, hidden_size=64, intermediate_size=128, vocab_size=256,
-                  num_attention_heads=heads, head_dim=16)  # fmt: skip
-    if "num_key_value_heads" in values:
-        values["num_key_value_heads"] = 2
+                  num_attention_heads=4)  # fmt: skip
+    for key, value in (("head_dim", 16), ("num_key_value_heads", 2)):
+        if key in values:  # Falcon derives its head size and has no key-value head count
+            values[key] = value
     return type(config).from_dict(values)
 
 
@@ -88,7 +89,9 @@ def random_model(config, device, dtype, seed: int) -> transformers.PreTrainedMod
     torch.manual_seed(seed)
     with torch.device(device):
         return transformers.AutoModelForCausalLM.from_config(
-            config, dtype=dtype, attn_implementation="sdpa"
+            config,
+            dtype=dtype,
+            attn_implementation=attn_implementation_for(config.model_type, "sdpa"),
         ).eval()
 
 
@@ -289,7 +292,8 @@ def materialise(config, device_map: dict, dtype) -> transformers.PreTrainedModel
             parent, _, child = name.rpartition(".")
             device = module.inv_freq.device
             device = main_device if device.type == "meta" else device  # a part with no weights
-            setattr(hf.get_submodule(parent), child, type(module)(config=hf.config, device=device))
+            # a few frequencies, not weights: built on the CPU and moved
+            setattr(hf.get_submodule(parent), child, type(module)(config=hf.config).to(device))
     return hf.eval()
 
 
