@@ -1,22 +1,29 @@
 """Capture through the tracing core against the decoder stack alone and against plain hooks.
 
-Same model, same batches of random token ids (no padding), methods interleaved and each timed
-as the best of ``--repeats``:
+Same model, same batches of random token ids (no padding). Each method runs over all the
+batches once per round; rounds repeat ``--repeats`` times with the methods interleaved (so a
+noisy spell on the host hits every method alike), and each method keeps its best round:
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``hooks``          the decoder stack with torch forward hooks mean-pooling every layer on the
                      device, ``[batch, layers, d]`` copied to the host once per batch
 * ``mahals``         ``mahals.capture(pool="mean")`` of every layer, one call per batch (so
-                     every batch ends in a host synchronisation; default routing: nnsight
-                     controllers on the layers only)
+                     every batch ends in a host synchronisation)
 * ``mahals_stream``  one ``mahals.capture`` call over all the batches (as a pipeline calls it:
                      each batch's results land on the host while the next batch runs)
-* ``mahals_all``     the same with ``instrument="all"`` (nnsight's default: every module routed)
-* ``steered``        ``mahals.capture`` with a 5-layer steering vector applied at all positions
+* ``steered``        ``--steering``: ``mahals_stream`` with a 5-layer steering vector applied
+                     at all positions
+* ``stream_switch``  ``--decompose``: ``mahals_stream`` with ``tracing.HOLD_BYTES = 0``, so
+                     every layer is read through its own switch into the trace body
+* ``trace_last``     ``--decompose``: a bare ``run_trace`` touching only the last layer, one
+                     synchronisation per batch (the per-trace cost)
+* ``mahals_all``     per-call capture with ``instrument="all"`` (nnsight's default: every
+                     module routed), timed after the others (it re-wraps the model)
 
+Texts reach ``mahals`` as token-id lists on the host (as after tokenisation).
 ``--profile`` also writes cProfile's top functions of 20 small-batch captures (4 x 128).
 
-Usage (GPU): python benchmarks/tracing_overhead.py --json rows.jsonl
+Usage (GPU): python benchmarks/tracing_overhead.py --steering --decompose --json rows.jsonl
 """
 
 from __future__ import annotations
@@ -47,36 +54,47 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, batches, repeats: int) -> float:
-    fn(batches[0])
-    best = float("inf")
+def run_once(fn) -> float:
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def best_of_rounds(methods: dict, repeats: int) -> dict[str, float]:
+    """Seconds of each method's best round; methods interleaved within every round."""
+    for fn in methods.values():
+        fn()  # warm-up
+    best = dict.fromkeys(methods, float("inf"))
     for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        for batch in batches:
-            fn(batch)
-        synchronize()
-        best = min(best, time.perf_counter() - start)
+        for name, fn in methods.items():
+            best[name] = min(best[name], run_once(fn))
     return best
 
 
 def hooked_pooling(decoder, layers):
-    """Plain torch forward hooks that mean-pool each layer's output on the device."""
+    """Plain torch forward hooks that mean-pool each layer's output on the device; the hooks
+    are live only while the returned function runs."""
     pooled: list[torch.Tensor] = []
 
     def hook(_module, _inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         pooled.append(hidden.float().mean(1))
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+    def run(batches):
+        handles = [layer.register_forward_hook(hook) for layer in layers]
+        try:
+            for ids in batches:
+                pooled.clear()
+                with torch.inference_mode():
+                    decoder(input_ids=ids, use_cache=False)
+                    torch.stack(pooled, 1).cpu()
+        finally:
+            for handle in handles:
+                handle.remove()
 
-    def run(ids):
-        pooled.clear()
-        with torch.inference_mode():
-            decoder(input_ids=ids, use_cache=False)
-            torch.stack(pooled, 1).cpu()
-
-    return run, handles
+    return run
 
 
 def main() -> None:
@@ -85,6 +103,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write the small-batch cProfile table to this file")
     parser.add_argument("--steering", action="store_true", help="also time steered capture")
+    parser.add_argument("--decompose", action="store_true", help="also time bare traces (see above)")
     parser.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -96,70 +115,33 @@ def main() -> None:
         hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     hf.eval()
     tokenizer = word_tokenizer()
-    # Re-wrapping re-installs nnsight's controllers on the shared modules, so each timing uses
-    # the wrapper made last; closures look models up here.
-    models = {"lean": load_model(hf, tokenizer=tokenizer, verbose=False)}
+    model = load_model(hf, tokenizer=tokenizer, verbose=False)
     decoder = hf.get_decoder()
+    layers = model.adapter.decoder_layers(hf)
     generator = torch.Generator().manual_seed(0)
-    methods = {}
-
-    def floor(ids):
-        with torch.inference_mode():
-            decoder(input_ids=ids, use_cache=False)
-
-    methods["decoder"] = floor
-    layers = models["lean"].adapter.decoder_layers(hf)
-    hooks, handles = hooked_pooling(decoder, layers)
-    for handle in handles:
-        handle.remove()
-    methods["hooks"] = hooks
-
-    def mahals_capture(ids, which="lean"):
-        capture(models[which], list(ids), pool="mean", batch_size=len(ids), progress=False)
-
-    methods["mahals"] = mahals_capture
-    methods["mahals_stream"] = "stream"
+    vector = None
     if args.steering:
-        from mahals.steering import Steering, SteeringVector, steer
+        from mahals.steering import SteeringVector
 
+        n_layers = hf.config.num_hidden_layers
         vector = SteeringVector(
-            torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(hf.config.num_hidden_layers - 5, hf.config.num_hidden_layers)), base_model="random",
-            tuned_model="random", dataset="none", pool="last", n_samples=1,
+            torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(n_layers - 5, n_layers)),
+            base_model="random", tuned_model="random", dataset="none", pool="last", n_samples=1,
         )
-
-        def steered(ids):
-            with steer(models["lean"], Steering(vector)):
-                mahals_capture(ids)
-
-        methods["steered"] = steered
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
     for batch, seq, n in [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME:
         batches = [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
-        results = {}
-        for name, fn in methods.items():
-            if name == "hooks":
-                fn, handles = hooked_pooling(decoder, layers)
-            if name == "mahals_stream":
-                every_text = [row for ids in batches for row in ids]
-
-                def stream(_ids, every_text=every_text, batch=batch):
-                    capture(models["lean"], every_text, pool="mean", batch_size=batch, progress=False)
-
-                results[name] = batch * seq * n / timed(stream, [None], args.repeats)
-                continue
-            results[name] = batch * seq * n / timed(fn, batches, args.repeats)
-            if name == "hooks":
-                for handle in handles:
-                    handle.remove()
-        # instrument="all": re-wrap (installs every controller), time, then restore lean routing.
-        models["all"] = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
-        results["mahals_all"] = batch * seq * n / timed(
-            lambda ids: mahals_capture(ids, "all"), batches, args.repeats
-        )
-        models["lean"] = load_model(hf, tokenizer=tokenizer, verbose=False)
+        methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
+        seconds = best_of_rounds(methods, args.repeats)
+        # instrument="all" re-installs nnsight's controllers on the shared modules: time it
+        # last, then wrap the model again with the default routing for the next shape.
+        every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
+        seconds |= best_of_rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
+        model = load_model(hf, tokenizer=tokenizer, verbose=False)
+        results = {name: batch * seq * n / value for name, value in seconds.items()}
         row = {
             "date": datetime.date.today().isoformat(), "card": card, "shape": "llama-3.1-8b" if not args.smoke else "tiny", "batch": batch,
-            "seq": seq, "batches": n, "tok_per_s": {k: round(v) for k, v in results.items()},
+            "seq": seq, "batches": n, "repeats": args.repeats, "tok_per_s": {k: round(v) for k, v in results.items()},
             "ratio_to_decoder": {k: round(v / results["decoder"], 4) for k, v in results.items()},
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
@@ -167,18 +149,84 @@ def main() -> None:
     if args.profile:
         ids = torch.randint(10, 200, (4, 16 if args.smoke else 128), generator=generator).to(device)
         sections = []
-        for name, fn in (("decoder alone", floor), ("mahals.capture", mahals_capture)):
+        for name, fn in (
+            ("decoder alone", lambda: floor_forward(decoder, ids)),
+            ("mahals.capture", lambda: capture(model, ids.tolist(), pool="mean", batch_size=4, progress=False)),
+        ):
             profiler = cProfile.Profile()
             synchronize()
             profiler.enable()
             for _ in range(20):
-                fn(ids)
+                fn()
             synchronize()
             profiler.disable()
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
             sections.append(f"### {name}: 20 calls at 4 x 128\n{text.getvalue()}")
         Path(args.profile).write_text("\n".join(sections))
+
+
+def floor_forward(decoder, ids) -> None:
+    with torch.inference_mode():
+        decoder(input_ids=ids, use_cache=False)
+
+
+def per_call_capture(model, batches):
+    """One ``capture`` call per batch (each ends in a host synchronisation)."""
+    host_batches = [ids.tolist() for ids in batches]
+
+    def run():
+        for ids in host_batches:
+            capture(model, ids, pool="mean", batch_size=len(ids), progress=False)
+
+    return run
+
+
+def shape_methods(model, decoder, layers, batches, vector, decompose: bool, device) -> dict:
+    """The timed methods of one shape, each a no-argument callable over all the batches."""
+    from mahals import tracing
+    from mahals.steering import Steering, steer
+
+    host_batches = [ids.tolist() for ids in batches]
+    every_text = [row for ids in host_batches for row in ids]
+    size = len(host_batches[0])
+    hooks = hooked_pooling(decoder, layers)
+
+    def stream():
+        capture(model, every_text, pool="mean", batch_size=size, progress=False)
+
+    methods = {
+        "decoder": lambda: [floor_forward(decoder, ids) for ids in batches],
+        "hooks": lambda: hooks(batches),
+        "mahals": per_call_capture(model, batches),
+        "mahals_stream": stream,
+    }
+    if vector is not None:
+
+        def steered():
+            with steer(model, Steering(vector)):
+                stream()
+
+        methods["steered"] = steered
+    if decompose:
+
+        def stream_switch():
+            saved, tracing.HOLD_BYTES = tracing.HOLD_BYTES, 0
+            try:
+                stream()
+            finally:
+                tracing.HOLD_BYTES = saved
+
+        def trace_last():
+            for ids in host_batches:
+                batch = tracing.Batch.pad(ids, pad_id=0, device=device)
+                tracing.run_trace(model, batch, read_layers=[len(layers) - 1], reader=lambda _l, h, _b: h, interventions=())
+                synchronize()
+
+        methods["stream_switch"] = stream_switch
+        methods["trace_last"] = trace_last
+    return methods
+
 
 if __name__ == "__main__":
     main()

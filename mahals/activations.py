@@ -442,30 +442,33 @@ class _Staged:
     rows: list[int]
     host: Tensor
     done: torch.cuda.Event | None
-    finite: Tensor | None = None
+    finite: Tensor
 
     @classmethod
     def start(cls, rows: list[int], pooled: Tensor, on_cuda: bool) -> _Staged:
-        # One on-device reduction per batch; read on the host only once the copy has landed.
+        # One on-device reduction per batch. Its flag travels with the values into pinned
+        # memory: reading a CUDA tensor's value would wait for every batch queued since.
         finite = torch.isfinite(pooled).all()
         if not on_cuda:
             return cls(rows, pooled, None, finite)
         host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
-        with torch.cuda.device(pooled.device):  # the copy and its event on pooled's GPU
+        with torch.cuda.device(pooled.device):  # the copies and their event on pooled's GPU
             host.copy_(pooled, non_blocking=True)
+            host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host_finite.copy_(finite, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        return cls(rows, host, done, finite)
+        return cls(rows, host, done, host_finite)
 
     def check_finite(self, model: MahalsModel, layer_ids: Sequence[int]) -> None:
         """Raise if the batch holds NaN or infinity, naming the model, layers and rows."""
         if self.done is not None:
             self.done.synchronize()
-        if self.finite is None or bool(self.finite):
+        if bool(self.finite):
             return
         bad = ~torch.isfinite(self.host.cpu())  # [batch, layers, d_model]
         layers = [layer_ids[i] for i in torch.nonzero(bad.any(dim=(0, 2))).flatten().tolist()]
-        rows = [self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist()]
+        rows = sorted(self.rows[i] for i in torch.nonzero(bad.any(dim=(1, 2))).flatten().tolist())
         raise FloatingPointError(
             f"model {model.name!r} ({str(model.dtype).removeprefix('torch.')}) produced NaN or "
             f"infinite activations at layers {layers[:10]} for input rows {rows[:20]}"

@@ -1,7 +1,9 @@
 """``mahals`` command line: ``mahals phase1 …``, ``mahals phase2 …``, ``mahals demo``.
 
 The pipelines log their progress; the CLI shows it on standard output as bare messages (the
-reference implementation's console shape).
+reference implementation's console shape). A user error (bad argument, file, data, key or
+checkpoint) is one line ``mahals <command>: error: …`` with exit status 2; set
+MAHALS_TRACEBACK=1 to see its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from mahals.pipelines.common import exit_status
 from mahals.pipelines.console import console
 
 PHASES = {
@@ -32,10 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``mahals <command> …`` with the pipelines' log shown on standard output."""
+    """Run ``mahals <command> …`` with the pipelines' log shown on standard output.
+
+    Returns the exit status: 0 on success, 2 with a one-line ``mahals <command>: error: …`` on
+    standard error for a user error, whichever the command
+    (:func:`mahals.pipelines.common.exit_status`); a programming error keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
+    module = importlib.import_module(args.module)
     with console():
-        return importlib.import_module(args.module).run_from_args(args)
+        return exit_status(args.command, lambda: module.run_from_args(args))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   output is packed (a plain tensor, or Falcon's ``(hidden, ...)`` tuple).
 * Reads are reduced on the device by a reader (e.g. pooling ``[batch, tokens, d]`` →
   ``[batch, d]``) so no ``[batch, tokens, layers, d]`` tensor is built or moved to the host.
+* Each ``.output`` the trace body touches costs a switch into nnsight's worker (≈ 70 µs on a
+  fast host), which small batches feel. So when a batch is small (the held layers' outputs fit
+  in :data:`HOLD_BYTES`), the layers that are only read are recorded by nnsight's
+  ``tracer.cache`` on the device instead and reduced after the forward; the body then touches
+  only the layers it writes and the last one it needs.
 * The forward stops after the last layer it needs, unless logits are asked for.
 """
 
@@ -40,6 +45,9 @@ __all__ = [
 ]
 
 PaddingSide = Literal["right", "left"]
+
+HOLD_BYTES = 1 << 30
+"""Most bytes of whole-layer outputs a trace holds on the device to spare per-layer switches."""
 
 
 @dataclass(frozen=True)
@@ -251,12 +259,16 @@ def run_trace(
     if interventions is None:
         interventions = model.active_interventions
     writers = _writers_by_layer(model, interventions)
-    visit = sorted(set(read_layers) | set(writers))
+    held = _held_layers(model, batch, read_layers, writers, reader)
+    visit = sorted((set(read_layers) - set(held)) | set(writers))
+    if held and (not visit or visit[-1] < held[-1]):
+        visit.append(held[-1])  # touched only so that the forward stops after it
     envoys = model.layers
     # The trace body runs in nnsight's worker: results leave it through these lists (a plain
     # assignment inside the block would not reach this frame).
-    reads: list[Tensor] = []
+    reads: dict[int, Tensor] = {}
     logits: list[Tensor] = []
+    caches: list = []
     # Without padding the mask and positions are the defaults; leaving them out lets attention
     # take its causal fast path instead of building and applying an explicit mask.
     inputs = (
@@ -270,21 +282,46 @@ def run_trace(
         model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
         warnings.simplefilter("ignore", UserWarning)
+        if held:
+            caches.append(tracer.cache(modules=[envoys[i] for i in held], device=None))
         for layer in visit:
             output = envoys[layer].output
+            if layer in held:
+                continue
             hidden = _apply(model, writers.get(layer, ()), layer, output, batch)
             if layer in read_layers:
                 if reader is not None:
-                    reads.append(reader(layer, hidden, batch.on(hidden.device)))
+                    reads[layer] = reader(layer, hidden, batch.on(hidden.device))
                 else:
                     # A later block may add to this tensor in place (Falcon): keep a copy.
-                    reads.append(hidden.clone())
+                    reads[layer] = hidden.clone()
         if logits_reader is not None:
             output_logits = model.nn.output.logits
             logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
         elif visit:
             tracer.stop()
-    return reads, (logits[0] if logits else None)
+    for cache in caches:
+        with torch.inference_mode():
+            for layer, key in zip(held, cache.keys(), strict=True):
+                hidden = model.adapter.unwrap(cache[key].output)
+                reads[layer] = reader(layer, hidden, batch.on(hidden.device))
+    return [reads[layer] for layer in read_layers], (logits[0] if logits else None)
+
+
+def _held_layers(
+    model: MahalsModel,
+    batch: Batch,
+    read_layers: Sequence[int],
+    writers: dict[int, list[Intervention]],
+    reader: LayerReader | None,
+) -> list[int]:
+    """The read-only layers a small batch records whole (see the module notes), or none."""
+    if reader is None or model.adapter.adds_in_place:
+        return []
+    layers = [layer for layer in read_layers if layer not in writers]
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    held_bytes = batch.input_ids.numel() * model.d_model * itemsize * len(layers)
+    return layers if held_bytes <= HOLD_BYTES else []
 
 
 @dataclass(frozen=True)

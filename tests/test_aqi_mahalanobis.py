@@ -14,7 +14,9 @@ from sklearn.covariance import OAS
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from mahals.aqi import (
+    CENTRED_OVERALL,
     OVERALL,
+    category_centred_projections,
     cross_validated_projections,
     evaluate,
     evaluate_activations,
@@ -78,35 +80,54 @@ def test_two_gaussians_match_the_closed_forms(delta):
     assert result.eta2 == pytest.approx(delta**2 / (delta**2 + 4), abs=0.02)
 
 
-def test_a_large_nuisance_dimension_or_sink_coordinate_barely_moves_the_score():
-    # Label-free extra coordinates with 10³× the variance of a signal dimension (20× the
-    # total variance of the other 50): a random nuisance, and a mean-pooled attention sink
-    # h_sink / n_tokens. Whitening keeps the score within a few points (docs/aqi.md: it
-    # degrades from ~10⁵× on); the variance-share score collapses.
+def test_a_huge_nuisance_dimension_or_sink_coordinate_leaves_the_score_unchanged():
+    # Label-free extra coordinates with 10⁶× the variance of a signal dimension: a random
+    # nuisance, a mean-pooled attention sink h_sink / n_tokens, and a constant giant
+    # coordinate. Standardising each coordinate on the training folds makes the first two one
+    # ordinary unit-variance dimension (the same score as at 1×) and drops the third; the
+    # variance-share score collapses.
     x, is_unsafe = planted(80, 50, shift=3.0, seed=3)
     generator = torch.Generator().manual_seed(4)
     n_tokens = torch.randint(5, 40, (len(x),), generator=generator).double()
-    nuisance = math.sqrt(1e3) * torch.randn(len(x), 1, generator=generator, dtype=torch.float64)
+    nuisance = torch.randn(len(x), 1, generator=generator, dtype=torch.float64)
     sink = 1.0 / n_tokens[:, None]
-    sink *= math.sqrt(1e3) / sink.std()
+    sink /= sink.std()
     clean = score(x, is_unsafe)
     assert clean > 80
     for extra in (nuisance, sink):
-        assert score(torch.cat([x, extra], 1), is_unsafe) == pytest.approx(clean, abs=5.0)
+        at_unit_variance = score(torch.cat([x, extra], 1), is_unsafe)
+        assert at_unit_variance == pytest.approx(clean, abs=2.0)  # one more noise dimension
+        huge = score(torch.cat([x, 1e3 * extra], 1), is_unsafe)
+        assert huge == pytest.approx(at_unit_variance, abs=1e-9)
+    constant = torch.full((len(x), 1), 2.3e4, dtype=torch.float64)
+    assert score(torch.cat([x, constant], 1), is_unsafe) == pytest.approx(clean, abs=1e-9)
     geometry = score(x, is_unsafe, mode="geometry")
-    assert score(torch.cat([x, nuisance], 1), is_unsafe, mode="geometry") < geometry / 10
+    assert score(torch.cat([x, 1e3 * nuisance], 1), is_unsafe, mode="geometry") < geometry / 10
 
 
-def test_rescaling_and_rotation_leave_the_score_unchanged():
+def test_rescaling_coordinates_leaves_the_score_unchanged():
     x, is_unsafe = planted(50, 12, shift=1.5, seed=5, n_layers=2)
     x = torch.cat([x, 30 * torch.randn(100, 2, 1, dtype=torch.float64)], -1)  # anisotropic
     generator = torch.Generator().manual_seed(6)
-    rotation = torch.linalg.qr(torch.randn(13, 13, generator=generator, dtype=torch.float64))[0]
+    per_coordinate = 10 ** (8 * torch.rand(13, generator=generator, dtype=torch.float64) - 4)
     base = evaluate_activations(x, ["a"] * 100, is_unsafe)
-    for transformed in (1e-3 * x, x @ rotation):
+    for transformed in (1e-3 * x, x * per_coordinate):
         other = evaluate_activations(transformed, ["a"] * 100, is_unsafe)
         assert other["a"].layer_aqi == pytest.approx(base["a"].layer_aqi, abs=1e-9)
         assert other["a"].ci_low == pytest.approx(base["a"].ci_low, abs=1e-9)
+
+
+def test_rotating_near_isotropic_activations_moves_the_score_within_sampling_error():
+    # Standardising per coordinate is not rotation-invariant (docs/aqi.md); on data whose
+    # within-class covariance is near a multiple of the identity, a rotation changes the
+    # score by less than its bootstrap interval's half-width.
+    x, is_unsafe = planted(100, 12, shift=1.5, seed=5)
+    base = evaluate_activations(x, ["a"] * 200, is_unsafe)["a"]
+    half_width = (base.ci_high - base.ci_low) / 2
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        rotation = torch.linalg.qr(torch.randn(12, 12, generator=generator, dtype=torch.float64))
+        assert abs(score(x @ rotation[0], is_unsafe) - base.aqi) < half_width / 2
 
 
 def test_perfect_separation_scores_100_with_an_interval_inside_the_range():
@@ -126,31 +147,56 @@ def test_perfect_separation_scores_100_with_an_interval_inside_the_range():
 # ------------------------------------------------------------------- equal to scikit-learn's LDA
 
 
+def standardised(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: the pooled within-class standard deviation per coordinate (divided by n) and the
+    class-centred rows."""
+    centred = x.copy()
+    for label in (False, True):
+        centred[labels == label] -= centred[labels == label].mean(0)
+    return np.sqrt((centred**2).mean(0)), centred
+
+
 @pytest.mark.parametrize(("n_per_class", "d"), [(40, 10), (15, 50)])
 @pytest.mark.parametrize("shrinkage", [0.3, "oas"])
 def test_lda_direction_and_held_out_projections_equal_sklearn(n_per_class, d, shrinkage):
+    # scikit-learn's shrinkage LDA fitted on the rows divided by their pooled within-class
+    # standard deviation (training rows only), with the same α.
     x, is_unsafe = planted(n_per_class, d, shift=1.0, seed=9)
     x = x @ torch.randn(d, d, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    labels = is_unsafe.numpy()
+    x = x * torch.logspace(-3, 3, d, dtype=torch.float64)
+    rows, labels = x.numpy(), is_unsafe.numpy()
     direction, alpha = lda_direction(x, is_unsafe, shrinkage=shrinkage)
+    scale, centred = standardised(rows, labels)
     if shrinkage == "oas":
-        class_centered = x.numpy().copy()
-        for label in (False, True):
-            class_centered[labels == label] -= class_centered[labels == label].mean(0)
-        expected_alpha = OAS(assume_centered=True).fit(class_centered).shrinkage_
+        expected_alpha = OAS(assume_centered=True).fit(centred / scale).shrinkage_
         assert float(alpha[0]) == pytest.approx(expected_alpha, rel=1e-10)
     reference = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=float(alpha[0]))
-    reference.fit(x.numpy(), labels)
-    np.testing.assert_allclose(direction.numpy(), reference.coef_[0], rtol=1e-7, atol=1e-10)
+    reference.fit(rows / scale, labels)
+    np.testing.assert_allclose(direction.numpy() * scale, reference.coef_[0], rtol=1e-7)
 
     folds = stratified_folds(is_unsafe, 5, torch.Generator().manual_seed(11))
     projections, alphas = cross_validated_projections(x, is_unsafe, folds, shrinkage=shrinkage)
     for fold in range(5):
         train, held_out = (folds != fold).numpy(), (folds == fold).numpy()
+        scale, _ = standardised(rows[train], labels[train])
         model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=float(alphas[fold, 0]))
-        model.fit(x.numpy()[train], labels[train])
-        expected = model.decision_function(x.numpy()[held_out]) - model.intercept_[0]
+        model.fit(rows[train] / scale, labels[train])
+        expected = model.decision_function(rows[held_out] / scale) - model.intercept_[0]
         np.testing.assert_allclose(projections[0, held_out].numpy(), expected, rtol=1e-7)
+
+
+def test_coordinates_constant_within_each_class_are_dropped():
+    # A coordinate with no within-class variance on the training rows has no noise scale; it
+    # is left out, exactly as if it were not there (also when it separates the classes).
+    x, is_unsafe = planted(20, 30, shift=1.0, seed=15, n_layers=2)
+    indicator = is_unsafe.double()[:, None, None].expand(-1, 2, 1)
+    with_constants = torch.cat([x, torch.zeros(40, 2, 1, dtype=torch.float64), indicator], -1)
+    folds = stratified_folds(is_unsafe, 5, torch.Generator().manual_seed(16))
+    for solver in ("primal", "dual"):
+        expected = cross_validated_projections(x, is_unsafe, folds, solver=solver)
+        actual = cross_validated_projections(with_constants, is_unsafe, folds, solver=solver)
+        for expected_values, values in zip(expected, actual, strict=True):
+            torch.testing.assert_close(values, expected_values, rtol=1e-10, atol=1e-12)
 
 
 def test_dual_path_equals_primal_path():
@@ -221,6 +267,54 @@ def test_overall_is_the_mean_of_the_categories_and_records_cells_and_width():
     assert [(s.n_safe, s.n_unsafe) for s in categories] == [(20, 20)] * 3
     assert report.settings["d"] == 30 and report.settings["n_folds"] == 5
     assert report.layers == (0, 1, 2) and report.settings["seed"] == 42
+
+
+def test_centred_overall_is_unchanged_by_a_per_category_offset_that_breaks_plain_pooling():
+    # A topic shift: each category's rows (both labels) moved by a large offset along the
+    # class difference, + for one category and − for another. Pooling the rows as they are
+    # mixes the shift into "within class"; removing each category's mean cancels it.
+    x, axioms, labels = run()
+    unsafe = torch.tensor([label == "unsafe" for label in labels])
+    offsets = {"noise": 0.0, "planted": 6.0, "mild": -6.0}
+    shifted = x.clone()
+    for row, axiom in enumerate(axioms):
+        shifted[row, :, 0] += offsets[axiom]
+    before = evaluate_activations(x, axioms, labels, centred_overall=True)
+    after = evaluate_activations(shifted, axioms, labels, centred_overall=True)
+    centred, centred_after = before[CENTRED_OVERALL], after[CENTRED_OVERALL]
+    assert centred_after.layer_aqi == pytest.approx(centred.layer_aqi, abs=1e-9)
+    assert centred_after.ci_low == pytest.approx(centred.ci_low, abs=1e-9)
+    assert centred.n == len(axioms) and before.axioms == ["mild", "noise", "planted"]
+    pooled = score(x, unsafe)  # all rows as one category, not centred
+    assert score(shifted, unsafe) < pooled - 20.0
+
+
+def test_category_centred_projections_equal_sklearn_on_centred_standardised_rows():
+    x, axioms, labels = run()
+    x = x[:, 0].double()
+    unsafe = torch.tensor([label == "unsafe" for label in labels])
+    names = sorted(set(axioms))
+    category = torch.tensor([names.index(a) for a in axioms])
+    folds = stratified_folds(unsafe, 5, torch.Generator().manual_seed(17))
+    projections, alphas = category_centred_projections(x, unsafe, category, folds)
+    rows, is_unsafe = x.numpy(), unsafe.numpy()
+    for fold in range(5):
+        train, held_out = (folds != fold).numpy(), (folds == fold).numpy()
+        centred = rows.copy()
+        for index in range(len(names)):
+            members = category.numpy() == index
+            midpoint = np.mean(
+                [rows[members & train & (is_unsafe == label)].mean(0) for label in (0, 1)],
+                axis=0,
+            )
+            centred[members] -= midpoint
+        scale, class_centred = standardised(centred[train], is_unsafe[train])
+        expected_alpha = OAS(assume_centered=True).fit(class_centred / scale).shrinkage_
+        assert float(alphas[fold, 0]) == pytest.approx(expected_alpha, rel=1e-10)
+        model = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=expected_alpha)
+        model.fit(centred[train] / scale, is_unsafe[train])
+        expected = model.decision_function(centred[held_out] / scale) - model.intercept_[0]
+        np.testing.assert_allclose(projections[0, held_out].numpy(), expected, rtol=1e-7)
 
 
 def test_length_baseline_scores_what_length_alone_separates():

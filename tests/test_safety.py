@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,55 @@ def test_finished_model_whose_result_file_was_deleted_is_computed_again(study):
     again = _run(_config(data, out, checkpoint="resume"))
     assert json.loads((out / "tiny-a" / "result.json").read_text()) == first.results["tiny-a"]
     assert again.results == first.results
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda result: result.pop("AQI"),
+        lambda result: result.update(AQI="high"),
+        lambda result: result.update(AQI=float("nan")),  # json.loads reads a NaN literal
+    ],
+    ids=["AQI missing", "AQI not a number", "AQI NaN"],
+)
+def test_checkpointed_result_without_a_valid_aqi_is_computed_again(study, damage, caplog):
+    root, data = study
+    out = root / "out"
+    first = _run(_config(data, out))
+    path = out / phase1.CHECKPOINT_NAME
+    document = json.loads(path.read_text())
+    damage(document["results"]["tiny-a"]["result"])
+    path.write_text(json.dumps(document))  # allow_nan: the NaN literal a hand edit could leave
+    again = _run(_config(data, out, checkpoint="resume"))
+    assert again.results == first.results
+    assert f"its result recorded in {path} is malformed" in caplog.text
+    assert (
+        json.loads(path.read_text())["results"]["tiny-a"]["result"]["AQI"]
+        == (first.results["tiny-a"]["AQI"])
+    )
+
+
+def test_malformed_checkpointed_result_is_recomputed_by_any_run(tmp_path):
+    """The mechanism every phase shares (Phase 2.1 names its own fields): not an object, or a
+    missing field."""
+    from mahals.pipelines.common import result_fields
+
+    computed = []
+
+    def compute(item):
+        computed.append(item)
+        return {"n_layers": 3, "d_model": 8}
+
+    run = dict(out_dir=tmp_path, checkpoint_name="c.json", items=["a", "b"], settings={},
+               compute=compute, result_problem=result_fields(("n_layers", "d_model")))  # fmt: skip
+    run_checkpointed(choice=None, **run)
+    document = json.loads((tmp_path / "c.json").read_text())
+    document["results"]["a"]["result"] = "garbage"
+    del document["results"]["b"]["result"]["d_model"]
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    again = run_checkpointed(choice="resume", **run)
+    assert computed == ["a", "b", "a", "b"]
+    assert {item: result["d_model"] for item, result in again.results.items()} == {"a": 8, "b": 8}
 
 
 # ------------------------------------------------------------------ 3. one writer per folder
@@ -269,6 +319,84 @@ def test_capture_raises_on_overflow_naming_model_layer_and_rows(tiny_tokenizer):
             weight.copy_(saved)
 
 
+OVERFLOW_LAYER = 2
+OVERFLOW_SCALE = 1e3  # fp16 saturates at 65504; SmolLM2's down_proj is |w| <= 5.3, so 5.3e3 here
+
+
+@pytest.fixture
+def smollm2_fp16_overflowing():
+    """SmolLM2 (real weights) in float16 on the CPU, one ``down_proj`` scaled ×1000: a real
+    fp16 overflow of the kind an unlucky checkpoint or input produces."""
+    from mahals.models import load_model
+
+    model = load_model("SmolLM2-135M-Instruct", device="cpu", dtype=torch.float16, verbose=False)
+    with torch.no_grad():
+        model.hf.model.layers[OVERFLOW_LAYER].mlp.down_proj.weight.mul_(OVERFLOW_SCALE)
+    yield model
+    model.free()
+
+
+@pytest.mark.slow
+def test_fp16_overflow_of_real_weights_is_named_by_model_layer_and_rows(smollm2_fp16_overflowing):
+    import mahals
+
+    model = smollm2_fp16_overflowing
+    texts = ["How do I bake bread?", "Tell me a joke about cats.", "Hi"]
+    layers = [0, 1, 2, 3, 4]
+    # Independent reference: HF's own hidden states, each text alone, in fp16 and in fp32.
+    bad_layers, bad_rows = set(), set()
+    for row, text in enumerate(texts):
+        enc = model.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            states = model.hf(**enc, output_hidden_states=True).hidden_states
+            wide = model.hf.float()(**enc, output_hidden_states=True).hidden_states
+            model.hf.half()
+        assert all(torch.isfinite(h).all() for h in wide), "fp32 should not overflow"
+        for layer in layers:
+            if not torch.isfinite(states[layer + 1]).all():
+                bad_layers.add(layer)
+                bad_rows.add(row)
+    assert sorted(bad_layers) == [2, 3, 4] and bad_rows  # the scaled layer and all after it
+    expected = ".*".join(
+        re.escape(part)
+        for part in ("model 'SmolLM2-135M-Instruct' (float16)", f"layers {sorted(bad_layers)}",
+                     f"rows {sorted(bad_rows)}", "bfloat16 or float32")
+    )  # fmt: skip
+    with pytest.raises(FloatingPointError, match=expected):
+        mahals.capture(model, texts, layers=layers, batch_size=len(texts))
+
+
+@pytest.mark.slow
+def test_phase1_on_an_overflowing_fp16_model_reports_no_nan_score(
+    smollm2_fp16_overflowing, tmp_path, monkeypatch, capsys
+):
+    """The whole Phase 1 CLI path: one-line error, exit status 2, no AQI written or printed."""
+    import argparse
+
+    from mahals.pipelines.console import console
+
+    monkeypatch.setattr(
+        "mahals.pipelines.slot.load_model", lambda key, **kwargs: smollm2_fp16_overflowing
+    )
+    data = tmp_path / "ds.csv"
+    _write_dataset(data, "please")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    phase1.add_arguments(parser)
+    args = parser.parse_args(["--models", "SmolLM2-135M-Instruct", "--per-cell", "6",
+                              "--dataset", str(data), "--bootstrap", "10", "--out", str(out)])  # fmt: skip
+    with console():
+        assert phase1.run_from_args(args) == 2
+    shown = capsys.readouterr()
+    error = shown.err
+    assert error.startswith("mahals phase1: error: model 'SmolLM2-135M-Instruct' (float16)")
+    assert "layers [2, 3," in error and "rows [" in error and error.count("\n") == 1
+    assert not re.search(r"\bnan\b|^AQI: |BASELINE MODEL", shown.out, re.IGNORECASE | re.MULTILINE)
+    assert not (out / "SmolLM2-135M-Instruct" / "result.json").exists()
+    assert not (out / phase1.SUMMARY_NAME).exists()
+    assert not list(out.rglob("*.safetensors"))  # no cache of non-finite activations
+
+
 def test_json_output_refuses_nan(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         atomic_write_json(tmp_path / "r.json", {"AQI": math.nan})
@@ -293,6 +421,68 @@ def test_vector_with_a_stale_sidecar_is_refused(tmp_path):
     path.with_suffix(".json").write_text(old_sidecar)  # killed between tensor and sidecar
     with pytest.raises(ValueError, match="checksum"):
         SteeringVector.load(path)
+
+
+def _break_tensor_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(64))
+
+
+def _tensor_file_is_json(path: Path) -> None:
+    path.write_text('{"not": "safetensors"}')
+
+
+def _delete_sidecar(path: Path) -> None:
+    path.with_suffix(".json").unlink()
+
+
+def _sidecar_not_json(path: Path) -> None:
+    path.with_suffix(".json").write_bytes(b"\xff\xfe{ broken")
+
+
+def _sidecar_a_list(path: Path) -> None:
+    path.with_suffix(".json").write_text("[1, 2]")
+
+
+def _sidecar_layers_garbled(path: Path) -> None:
+    sidecar = path.with_suffix(".json")
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "layers": 7}))
+
+
+def _nan_tensor_with_matching_sidecar(path: Path) -> None:
+    from mahals.io import tensor_sha256
+
+    bad = torch.ones(2, 4)
+    bad[1, 0] = math.nan
+    save_tensors(path, {"vectors": bad})
+    sidecar = path.with_suffix(".json")
+    meta = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({**meta, "tensor_sha256": tensor_sha256(bad)}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "names"),
+    [
+        (_break_tensor_bytes, ValueError, "v.safetensors: not a readable safetensors file"),
+        (_tensor_file_is_json, ValueError, "v.safetensors: not a readable safetensors file"),
+        (_delete_sidecar, FileNotFoundError, "v.safetensors: metadata sidecar .*v.json is missing"),
+        (_sidecar_not_json, ValueError, "v.json: not valid UTF-8 JSON"),
+        (_sidecar_a_list, ValueError, "v.json: not a mahals.SteeringVector sidecar"),
+        (_sidecar_layers_garbled, ValueError, "v.safetensors: tensor of shape .* sidecar .*v.json"),
+        (_nan_tensor_with_matching_sidecar, ValueError, r"v.safetensors \(sidecar .*v.json\): .*NaN"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)  # fmt: skip
+def test_steering_vector_load_errors_name_the_file(tmp_path, damage, error, names):
+    path = tmp_path / "v.safetensors"
+    SteeringVector(torch.ones(2, 4), layers=(0, 1), kind="test").save(path)
+    damage(path)
+    with pytest.raises(error, match=names):
+        SteeringVector.load(path)
+
+
+def test_steering_vector_load_names_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"no steering-vector tensor file at {tmp_path}"):
+        SteeringVector.load(tmp_path / "absent.safetensors")
 
 
 # ------------------------------------------------------------------ 6. honest load errors
@@ -489,3 +679,79 @@ def test_empty_non_utf8_and_non_gzip_data_files_are_named(tmp_path):
     fake.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(PreferenceDataError, match="test.jsonl.gz: truncated gzip"):
         load_hh_rlhf(str(fake), split="test")
+
+
+# ------------------------------------------------------------------ 10. one-line CLI errors
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from mahals.cli import main
+
+    status = main(argv)
+    return status, capsys.readouterr().err
+
+
+def test_run_time_user_errors_are_one_line_with_status_2_for_every_command(study, capsys, tmp_path):
+    """Raised while the command runs (not while its arguments are read): a layer the model does
+    not have (found before it loads), a folder given as the dataset, a recipe that is not JSON,
+    a missing adapter folder, a missing data folder."""
+    root, data = study
+    (tmp_path / "recipe.json").write_text('{"name": 3')
+    phase1_run = ["phase1", "--models", "tiny-a", "--per-cell", "6", "--bootstrap", "10"]
+    cases = {
+        "phase1": (
+            [*phase1_run, "--dataset", str(data), "--layers", "99", "--out", str(root / "o1")],
+            "--layers does not fit model 'tiny-a': layers [99] out of range",
+        ),
+        "phase1 ": (
+            [*phase1_run, "--dataset", str(root), "--out", str(root / "o2")],
+            str(root),
+        ),
+        "pair": (
+            ["pair", "dpo", "--recipe", str(tmp_path / "recipe.json"), "--out", str(tmp_path)],
+            "recipe.json: not valid JSON",
+        ),
+        "pair ": (
+            ["pair", "evaluate", "--adapter", str(tmp_path / "no-adapter")],
+            "no-adapter",
+        ),
+        "demo": (
+            ["demo", "--data", str(tmp_path / "no-data"), "--phase", "1", "--out", str(tmp_path)],
+            "no-data",
+        ),
+    }
+    for command, (argv, named) in cases.items():
+        status, error = _cli(argv, capsys)
+        assert status == 2, (command, error)
+        assert error.startswith(f"mahals {command.strip()}: error: ") and named in error, error
+        assert error.count("\n") == 1 and "Traceback" not in error, error
+
+
+def test_programming_errors_keep_their_traceback(study, capsys, monkeypatch):
+    root, data = study
+    argv = ["phase1", "--models", "tiny-a", "--per-cell", "6", "--bootstrap", "10",
+            "--dataset", str(data), "--out", str(root / "out")]  # fmt: skip
+
+    def buggy_run(config):
+        raise KeyError("AQI")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(phase1, "run_phase1", buggy_run)
+        with pytest.raises(KeyError, match="AQI"):
+            _cli(argv, capsys)
+    monkeypatch.setenv("MAHALS_TRACEBACK", "1")  # a user error, shown in full on request
+    with pytest.raises(ValueError, match=r"layers \[99\] out of range"):
+        _cli([*argv, "--layers", "99"], capsys)
+
+
+def test_cli_process_prints_one_line_and_exits_2(tmp_path):
+    """The installed entry point, as a user runs it: no traceback on standard error."""
+    finished = subprocess.run(
+        [sys.executable, "-m", "mahals.cli", "pair", "evaluate", "--adapter",
+         str(tmp_path / "no-adapter")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert finished.returncode == 2
+    assert finished.stderr.startswith("mahals pair: error: LoRA adapter")
+    assert finished.stderr.count("\n") == 1

@@ -126,6 +126,24 @@ def test_capture_reads_what_an_intervention_wrote(tiny_model):
     torch.testing.assert_close(steered.tensor, plain.tensor + 0.5, rtol=1e-5, atol=1e-5)
 
 
+def test_held_and_switched_reads_agree(tiny_model, monkeypatch):
+    # Small batches record read-only layers whole through nnsight's cache; larger ones read
+    # each layer through its own switch. Both paths, around a written layer, give one answer.
+    from mahals import tracing
+    from mahals.activations import pooling_reader
+
+    torch.manual_seed(3)
+    write = AddDelta(1, torch.randn(tiny_model.d_model))
+    batch = Batch.pad(_ids(tiny_model, PROMPTS), pad_id=1, device="cpu")
+    every = list(range(tiny_model.n_layers))
+    held = tracing._held_layers(tiny_model, batch, every, {1: [write]}, pooling_reader("mean"))
+    assert held == ([] if tiny_model.adapter.adds_in_place else [i for i in every if i != 1])
+    default = capture(tiny_model, PROMPTS, pool="mean", interventions=[write])
+    monkeypatch.setattr(tracing, "HOLD_BYTES", 0)
+    switched = capture(tiny_model, PROMPTS, pool="mean", interventions=[write])
+    assert torch.equal(default.tensor, switched.tensor)
+
+
 def test_logits_reader_runs_to_the_lm_head(tiny_model):
     text = PROMPTS[1]
     batch = Batch.pad(_ids(tiny_model, [text]), pad_id=1, device="cpu")

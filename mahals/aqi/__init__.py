@@ -33,14 +33,20 @@ from mahals.aqi.evaluation import (
 )
 from mahals.aqi.geometry import GEOMETRY_MODE_NOTES
 from mahals.aqi.indices import calinski_harabasz, pca_reduce, xie_beni
-from mahals.aqi.mahalanobis import cross_validated_projections, lda_direction, stratified_folds
+from mahals.aqi.mahalanobis import (
+    category_centred_projections,
+    cross_validated_projections,
+    lda_direction,
+    stratified_folds,
+)
 from mahals.aqi.reference import reference_aqi, reference_normalize
-from mahals.aqi.report import OVERALL, AQIReport, AQIScore
+from mahals.aqi.report import CENTRED_OVERALL, OVERALL, AQIReport, AQIScore
 
 PRINCIPLED_MODE_NOTES = GEOMETRY_MODE_NOTES
 """Deprecated name of :data:`GEOMETRY_MODE_NOTES`."""
 
 __all__ = [
+    "CENTRED_OVERALL",
     "DEFAULT_SEED",
     "GEOMETRY_MODE_NOTES",
     "OVERALL",
@@ -48,6 +54,7 @@ __all__ = [
     "AQIReport",
     "AQIScore",
     "calinski_harabasz",
+    "category_centred_projections",
     "cross_validated_projections",
     "embedding_features",
     "evaluate",

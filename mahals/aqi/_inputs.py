@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mahals.aqi.report import OVERALL
+from mahals.aqi.report import OVERALL, SUMMARY_ROWS
 
 LayerSpec = int | Sequence[int] | Literal["all"] | None
 
@@ -40,8 +40,9 @@ def category_rows(axioms: Sequence[str], is_unsafe: Tensor) -> dict[str, Tensor]
     least two rows of each label."""
     if len(axioms) != len(is_unsafe):
         raise ValueError(f"{len(axioms)} axioms for {len(is_unsafe)} rows")
-    if OVERALL in axioms:
-        raise ValueError(f"{OVERALL!r} is reserved for the all-rows category; rename that axiom")
+    reserved = sorted(set(SUMMARY_ROWS) & set(axioms))
+    if reserved:
+        raise ValueError(f"{reserved} are reserved for the summary rows; rename those axioms")
     names = sorted(set(axioms))
     axiom_array = np.asarray(axioms, dtype=object)
     rows = {name: torch.from_numpy(np.flatnonzero(axiom_array == name)) for name in names}

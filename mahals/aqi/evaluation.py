@@ -129,6 +129,7 @@ def evaluate_activations(
     solver: Solver = "auto",
     n_tokens: Int[Tensor, " n"] | Sequence[int] | None = None,
     baselines: Mapping[str, Float[Tensor, "n k"]] | None = None,
+    centred_overall: bool = False,
     pca_dim: int | None = None,
     n_bootstrap: int = 200,
     seed: int = DEFAULT_SEED,
@@ -165,6 +166,10 @@ def evaluate_activations(
             ``[1/n_tokens, n_tokens]``.
         baselines: mahalanobis: more surface-feature matrices ``{name: [n, k]}`` (e.g. the
             mean-pooled embedding output) scored with the same folds and reported per category.
+        centred_overall: mahalanobis: also score safe vs unsafe over all rows pooled after
+            removing each category's mean (the category as a nuisance factor; per fold, from
+            training rows only), as the row :data:`CENTRED_OVERALL`. One fit over all rows per
+            fold and layer: costly for thousands of rows × thousands of dimensions on a CPU.
         pca_dim: geometry: reduce each category's activations per layer to this many principal
             components first (``None`` = use the activations as they are).
         n_bootstrap: bootstrap resamples for the confidence intervals (0 = none; not used by
@@ -230,6 +235,7 @@ def evaluate_activations(
             seed=seed,
             confidence=confidence,
             device=target,
+            centred_overall=centred_overall,
         )
         settings |= {
             "score": "100 * (2 * AUC - 1) of held-out shrinkage-LDA projections, mean over folds",
@@ -240,6 +246,8 @@ def evaluate_activations(
             "interval": "bootstrap percentile of held-out rows, stratified by (fold, label)",
             "pooling": "single layer" if len(positions) == 1 else "mean of per-layer scores",
             "overall": "unweighted mean of the per-category scores",
+            "centred_overall": centred_overall,
+            "standardisation": "each coordinate / its pooled within-class sd on the training folds",
             "baselines": {name: int(f.shape[1]) for name, f in features.items()},
         }
     return AQIReport(
@@ -285,6 +293,7 @@ def evaluate(
     activations: Float[Tensor, "n layer d"] | None = None,
     n_tokens: Int[Tensor, " n"] | Sequence[int] | None = None,
     baselines: Mapping[str, Float[Tensor, "n k"]] | None = None,
+    centred_overall: bool = False,
     confidence: float = 0.95,
     device: str | torch.device | None = None,
     model_name: str | None = None,
@@ -323,6 +332,7 @@ def evaluate(
         "confidence": confidence,
         "device": device,
         "dataset_name": dataset.name,
+        "centred_overall": centred_overall,
     }
     if activations is not None:
         return evaluate_activations(

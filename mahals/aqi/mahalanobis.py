@@ -2,16 +2,20 @@
 in the within-class-whitened geometry, per category and layer.
 
 For each (category, layer): stratified k-fold cross-validation (folds fixed by the seed and the
-category's name). On the k − 1 training folds a shrinkage LDA direction
-``w = Σ⁻¹ (μ_unsafe − μ_safe)`` with ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` (``S_w`` the pooled
-within-class covariance, ``α`` the Oracle Approximating Shrinkage estimate or a fixed value).
-The held-out fold is projected on ``w`` and
+category's name). On the k − 1 training folds every coordinate is divided by its pooled
+within-class standard deviation ``s`` (coordinates constant within each class are dropped), and
+a shrinkage LDA direction is fitted there: ``w̃ = ((1 − α) R + α I)⁻¹ δ`` with ``R`` the
+within-class correlation matrix, ``δ`` the standardised difference of the class means and ``α``
+the Oracle Approximating Shrinkage estimate (or a fixed value); in the activations' own units
+``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)``. The score is therefore unchanged
+by rescaling any coordinate, so one huge-variance coordinate (a nuisance, a mean-pooled
+attention sink) counts as one ordinary dimension. The held-out fold is projected on ``w`` and
 scored by its ROC-AUC (headline ``100 · (2 · AUC − 1)``) and by the η² of the 1-D projection
-(reported alongside), averaged over folds. With fewer rows than
-dimensions everything is computed from the rows' Gram matrix (dual form, Woodbury identity),
-which is exact. Confidence intervals come from a bootstrap of the held-out rows within each
-(fold, label) cell. Torch float64 throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas
-and the reasons behind each choice.
+(reported alongside), averaged over folds. With fewer rows than dimensions the solve uses the
+rows' Gram matrix (dual form, Woodbury identity), which is exact. Confidence intervals come
+from a bootstrap of the held-out rows within each (fold, label) cell. Torch float64
+throughout, CPU or GPU. See ``docs/aqi.md`` for the formulas and the reasons behind each
+choice.
 """
 
 from __future__ import annotations
@@ -27,13 +31,18 @@ from torch import Tensor
 
 from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
-from mahals.aqi.report import OVERALL, AQIScore
+from mahals.aqi.report import CENTRED_OVERALL, OVERALL, AQIScore
 
-_CHUNK_BYTES = 512 * 2**20  # float64 rows of one category, per layer chunk
+_CHUNK_BYTES = 256 * 2**20  # float64 rows of one category, per layer chunk
+
+_CONSTANT_TOLERANCE = 1e-10
+"""A coordinate whose pooled within-class standard deviation on the training rows is at most
+this fraction of its largest magnitude there is constant up to rounding, and is dropped."""
 
 __all__ = [
     "Shrinkage",
     "Solver",
+    "category_centred_projections",
     "cross_validated_projections",
     "lda_direction",
     "oas_shrinkage",
@@ -73,7 +82,7 @@ def oas_shrinkage(
     trace: Float[Tensor, " *batch"],
     trace_of_square: Float[Tensor, " *batch"],
     n: int,
-    d: int,
+    d: int | Float[Tensor, " *batch"],
 ) -> Float[Tensor, " *batch"]:
     """Oracle Approximating Shrinkage intensity (Chen et al. 2010, eq. 23, as in scikit-learn
     ≥ 1.3) of a covariance ``S`` of ``n`` samples in ``d`` dimensions, from ``tr(S)`` and
@@ -86,11 +95,12 @@ def oas_shrinkage(
 
 
 def _shrinkage_terms(
-    trace: Tensor, trace_of_square: Tensor, n: int, d: int, shrinkage: Shrinkage
+    trace: Tensor, trace_of_square: Tensor, n: int, d: Tensor, shrinkage: Shrinkage
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(α, a, c)`` with ``Σ = a · Xcᵀ Xc + c · I`` (``a = (1 − α) / n``,
-    ``c = α · tr(S)/d``). Where ``S = 0`` (no within-class variance) ``Σ = I``: the direction
-    is then the difference of the class means."""
+    """``(α, a, c)`` with ``Σ = a · Yᵀ Y + c · I`` (``Y`` the ``n`` standardised within-class
+    rows, ``a = (1 − α) / n``, ``c = α · tr(R)/d``, ``d`` the coordinates kept). Where
+    ``R = 0`` (no within-class variance left) ``Σ = I``: the direction is then the standardised
+    difference of the class means, which is 0."""
     if shrinkage == "oas":
         alpha = oas_shrinkage(trace, trace_of_square, n, d)
     elif isinstance(shrinkage, int | float) and 0.0 <= shrinkage <= 1.0:
@@ -99,82 +109,140 @@ def _shrinkage_terms(
         raise ValueError(f"shrinkage must be 'oas' or a number in [0, 1], got {shrinkage!r}")
     degenerate = trace <= 0
     alpha = torch.where(degenerate, torch.ones_like(alpha), alpha)
-    scale = torch.where(degenerate, torch.ones_like(trace), trace / d)
+    scale = torch.where(degenerate, torch.ones_like(trace), trace / d.clamp(min=1))
     return alpha, (1.0 - alpha) / n, alpha * scale
 
 
 # --------------------------------------------------------------------------------------------
-# Shrinkage LDA: primal (d × d) and dual (Gram) fits
+# Shrinkage LDA on per-coordinate standardised rows: primal (d × d) and dual (Gram) solves
 # --------------------------------------------------------------------------------------------
 
 
-def _class_operators(is_unsafe: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(onehot [n, 2], means [n, 2])``: class membership and the averaging operator (column
-    c = 1/n_c on class c's rows), safe = column 0."""
-    onehot = torch.nn.functional.one_hot(is_unsafe.long(), 2).to(dtype)
-    counts = onehot.sum(0)
-    if (counts == 0).any():
+def _product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the d-long inner products (Gram, scatter, projections of the standardised
+    rows): the activations' own when they are float32 or narrower, else float64. Means,
+    variances, shrinkage and the solves are float64 whatever the input."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _cell_sums(
+    centred: Float[Tensor, "layer n d"], cells: Int[Tensor, " n"], n_cells: int
+) -> tuple[Float[Tensor, "layer cell d"], Float[Tensor, "layer cell d"], Float[Tensor, " cell"]]:
+    """Per cell (e.g. a (fold, label) pair): sums and sums of squares of the rows, and counts."""
+    onehot = torch.nn.functional.one_hot(cells, n_cells).to(centred.dtype)
+    sums = torch.einsum("nc,lnd->lcd", onehot, centred)
+    squares = torch.einsum("nc,lnd->lcd", onehot, centred.square())
+    return sums, squares, onehot.sum(0)
+
+
+@dataclass(frozen=True)
+class _Design:
+    """Training rows in units of their pooled within-class standard deviation ``s``.
+
+    ``rows`` ``Y = (x − μ_y) / s`` (class-centred), ``difference`` ``δ = (μ_unsafe − μ_safe)
+    / s``, ``inverse_scale`` ``1/s`` (0 on dropped coordinates); ``[layer, m, d]``,
+    ``[layer, d]``, ``[layer, d]``."""
+
+    rows: Tensor
+    difference: Tensor
+    inverse_scale: Tensor
+
+
+def _standardised_design(
+    rows: Float[Tensor, "layer m d"],
+    n_safe: int,
+    sums: Float[Tensor, "layer 2 d"],
+    squares: Float[Tensor, "layer 2 d"],
+    shift: Float[Tensor, "layer 1 d"],
+) -> _Design:
+    """The :class:`_Design` of training rows sorted by label (the first ``n_safe`` safe).
+
+    ``rows`` are ``x − shift`` (a fresh tensor in the product precision, modified in place);
+    ``sums``/``squares`` their per-label sums and sums of squares in float64. ``s²`` is the
+    pooled within-class variance (divided by m); a coordinate whose ``s`` is at most
+    :data:`_CONSTANT_TOLERANCE` of the root mean square of its raw values (constant within
+    each label, up to rounding) is dropped."""
+    m = rows.shape[1]
+    counts = torch.tensor([n_safe, m - n_safe], dtype=torch.float64, device=rows.device)
+    if bool((counts == 0).any()):
         raise ValueError("a training fold lacks one of the two classes")
-    return onehot, onehot / counts
+    means = sums / counts[:, None]
+    variance = ((squares - sums * means).sum(1) / m).clamp(min=0.0)
+    raw_square = (squares.sum(1) + 2 * shift[:, 0] * sums.sum(1)) / m + shift[:, 0].square()
+    kept = variance > _CONSTANT_TOLERANCE**2 * raw_square
+    inverse_scale = torch.where(kept, torch.where(kept, variance, 1.0).rsqrt(), 0.0)
+    rows[:, :n_safe] -= means[:, :1].to(rows.dtype)
+    rows[:, n_safe:] -= means[:, 1:].to(rows.dtype)
+    rows *= inverse_scale[:, None].to(rows.dtype)
+    return _Design(rows, (means[:, 1] - means[:, 0]) * inverse_scale, inverse_scale)
 
 
-def _primal_fit(
-    x: Float[Tensor, "layer n d"], is_unsafe: Tensor, shrinkage: Shrinkage
+def _design_of(
+    x: Float[Tensor, "layer n d"],
+    is_unsafe: Bool[Tensor, " n"],
+    product_dtype: torch.dtype | None = None,
+) -> _Design:
+    """:func:`_standardised_design` of all rows ``x`` (any float dtype; products in
+    ``product_dtype``, default :func:`_product_dtype` of ``x``)."""
+    centred = x.to(torch.float64)
+    shift = centred.mean(1, keepdim=True)
+    centred = centred - shift
+    sums, squares, _ = _cell_sums(centred, is_unsafe.long().to(x.device), 2)
+    by_label = torch.argsort(is_unsafe.to(torch.uint8), stable=True).to(x.device)
+    rows = centred[:, by_label].to(product_dtype or _product_dtype(x.dtype))
+    return _standardised_design(rows, int((~is_unsafe).sum()), sums, squares, shift)
+
+
+def _gram(rows: Float[Tensor, "layer m d"]) -> Float[Tensor, "layer m m"]:
+    """``rows @ rowsᵀ`` from three of its four blocks (it is symmetric): ¾ of the products."""
+    half = rows.shape[1] // 2
+    top, bottom = rows[:, :half], rows[:, half:]
+    gram = rows.new_empty(rows.shape[0], rows.shape[1], rows.shape[1])
+    gram[:, :half, :half] = top @ top.transpose(1, 2)
+    gram[:, half:, half:] = bottom @ bottom.transpose(1, 2)
+    gram[:, half:, :half] = bottom @ top.transpose(1, 2)
+    gram[:, :half, half:] = gram[:, half:, :half].transpose(1, 2)
+    return gram
+
+
+def _solve(
+    design: _Design, shrinkage: Shrinkage, dual: bool
 ) -> tuple[Float[Tensor, "layer d"], Float[Tensor, " layer"]]:
-    """Shrinkage-LDA direction ``Σ⁻¹ (μ_unsafe − μ_safe)`` from the rows themselves."""
-    n, d = x.shape[1], x.shape[2]
-    onehot, averaging = _class_operators(is_unsafe.to(x.device), x.dtype)
-    class_means = torch.einsum("nc,lnd->lcd", averaging, x)
-    centered = x - torch.einsum("nc,lcd->lnd", onehot, class_means)
-    scatter = centered.transpose(1, 2) @ centered  # [layer, d, d] = n · S_w
-    trace = scatter.diagonal(dim1=1, dim2=2).sum(-1) / n
-    trace_of_square = scatter.square().sum((1, 2)) / n**2
-    alpha, a, c = _shrinkage_terms(trace, trace_of_square, n, d, shrinkage)
-    sigma = a[:, None, None] * scatter + c[:, None, None] * torch.eye(
-        d, dtype=x.dtype, device=x.device
-    )
-    difference = class_means[:, 1] - class_means[:, 0]
-    factor, info = torch.linalg.cholesky_ex(sigma)
-    if bool(info.any()):
-        raise ValueError(
-            "the within-class covariance is singular: use shrinkage='oas' or a shrinkage > 0"
-        )
-    return torch.cholesky_solve(difference[..., None], factor)[..., 0], alpha
+    """Shrinkage-LDA direction of a :class:`_Design`, in inverse units of the raw rows, and α.
 
-
-def _dual_fit(
-    gram: Float[Tensor, "layer n n"], is_unsafe: Tensor, d: int, shrinkage: Shrinkage
-) -> tuple[Float[Tensor, "layer n"], Float[Tensor, " layer"]]:
-    """The same direction as :func:`_primal_fit`, as coefficients ``β`` over the training rows
-    (``w = Xᵀ β``), from their Gram matrix ``X Xᵀ`` only.
-
-    With ``Xc = (I − H) X`` the class-centered rows (``H`` maps a row to its class mean),
-    ``K = Xc Xcᵀ`` and ``Δ = Xᵀ m`` (``m`` = +1/n_unsafe, −1/n_safe), Woodbury gives
-    ``Σ⁻¹ Δ = (Δ − a · Xcᵀ (c I + a K)⁻¹ Xc Δ) / c``, i.e.
-    ``β = (m − a · (I − H)ᵀ v) / c`` with ``v = (c I + a K)⁻¹ (I − H) G m``.
+    ``R = YᵀY / m`` is the within-class correlation matrix; ``w̃ = ((1 − α) R + α · tr(R)/d ·
+    I)⁻¹ δ`` (``d`` the kept coordinates, ``tr(R)/d = 1``) and ``w = w̃ / s``, i.e.
+    ``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)`` on the kept coordinates.
+    The primal solve uses the d × d ``YᵀY``; the dual one the m × m Gram ``K = YYᵀ`` with
+    Woodbury: ``w̃ = (δ − a · Yᵀ (c I + a K)⁻¹ Y δ) / c`` (``a``, ``c`` from
+    :func:`_shrinkage_terms`), exact either way.
     """
-    n = gram.shape[-1]
-    onehot, averaging = _class_operators(is_unsafe.to(gram.device), gram.dtype)
-
-    def center_rows(values: Tensor) -> Tensor:  # (I − H) values, values [layer, n, k]
-        return values - onehot @ (averaging.T @ values)
-
-    kernel = center_rows(center_rows(gram).transpose(1, 2))  # (I − H) G (I − H)ᵀ
-    trace = kernel.diagonal(dim1=1, dim2=2).sum(-1) / n
-    trace_of_square = kernel.square().sum((1, 2)) / n**2
-    alpha, a, c = _shrinkage_terms(trace, trace_of_square, n, d, shrinkage)
-    contrast = (averaging[:, 1] - averaging[:, 0]).expand(gram.shape[0], n)[..., None]
-    system = a[:, None, None] * kernel + c[:, None, None] * torch.eye(
-        n, dtype=gram.dtype, device=gram.device
+    rows, difference = design.rows, design.difference
+    m = rows.shape[1]
+    kept = design.inverse_scale > 0
+    kernel = (_gram(rows) if dual else rows.transpose(1, 2) @ rows).to(torch.float64)
+    trace = kernel.diagonal(dim1=1, dim2=2).sum(-1) / m
+    trace_of_square = kernel.square().sum((1, 2)) / m**2
+    alpha, a, c = _shrinkage_terms(
+        trace, trace_of_square, m, kept.sum(-1).to(trace.dtype), shrinkage
     )
+    identity = torch.eye(kernel.shape[-1], dtype=kernel.dtype, device=kernel.device)
+    system = a[:, None, None] * kernel + c[:, None, None] * identity
+    if not dual:  # dropped coordinates: decoupled, with a zero right-hand side
+        system = system + torch.diag_embed((~kept).to(system.dtype))
     factor, info = torch.linalg.cholesky_ex(system)
     if bool(info.any()):
         raise ValueError(
             "the within-class covariance is singular: use shrinkage='oas' or a shrinkage > 0"
         )
-    v = torch.cholesky_solve(center_rows(gram @ contrast), factor)
-    back = v - averaging @ (onehot.T @ v)  # (I − H)ᵀ v
-    return ((contrast - a[:, None, None] * back) / c[:, None, None])[..., 0], alpha
+    if dual:
+        projected = (rows @ difference[..., None].to(rows.dtype)).to(torch.float64)
+        v = torch.cholesky_solve(projected, factor).to(rows.dtype)
+        back = (rows.transpose(1, 2) @ v)[..., 0].to(torch.float64)
+        standardised = (difference - a[:, None] * back) / c[:, None]
+    else:
+        standardised = torch.cholesky_solve(difference[..., None], factor)[..., 0]
+    return standardised * design.inverse_scale, alpha
 
 
 def _use_dual(solver: Solver, n: int, d: int) -> bool:
@@ -192,21 +260,20 @@ def lda_direction(
 ) -> tuple[Float[Tensor, "layer d"] | Float[Tensor, " d"], Float[Tensor, " layer"]]:
     """Shrinkage-LDA discriminant of two classes, per layer (float64, on ``x.device``).
 
-    ``w = Σ⁻¹ (μ_unsafe − μ_safe)``, ``Σ = (1 − α) S_w + α · tr(S_w)/d · I`` with ``S_w`` the
-    pooled within-class covariance (divided by n, as scikit-learn's LDA with
-    ``solver="lsqr"`` and a numeric ``shrinkage=α``, whose ``coef_`` equals ``w``).
+    Each coordinate is measured in units of its pooled within-class standard deviation ``s``
+    (divided by n; coordinates constant within each class are dropped); there the
+    within-class correlation matrix ``R`` is shrunk towards ``tr(R)/d · I = I`` with α:
+    ``w = ((1 − α) S_w + α · diag S_w)⁻¹ (μ_unsafe − μ_safe)``. Equivalently:
+    scikit-learn's ``LinearDiscriminantAnalysis(solver="lsqr", shrinkage=α)`` fitted on
+    ``x / s`` has ``coef_ = w · s``.
 
     Returns:
         ``(w, α)``: ``w`` ``[layer, d]`` (``[d]`` for ``[n, d]`` input), in inverse units of
-        ``x``; ``α`` ``[layer]`` the shrinkage used.
+        ``x`` (``x · w`` is the projection); ``α`` ``[layer]`` the shrinkage used.
     """
-    layered = as_layered(x).transpose(0, 1).to(torch.float64)
+    layered = as_layered(x).transpose(0, 1)
     n, d = layered.shape[1], layered.shape[2]
-    if _use_dual(solver, n, d):
-        beta, alpha = _dual_fit(layered @ layered.transpose(1, 2), is_unsafe, d, shrinkage)
-        direction = torch.einsum("ln,lnd->ld", beta, layered)
-    else:
-        direction, alpha = _primal_fit(layered, is_unsafe, shrinkage)
+    direction, alpha = _solve(_design_of(layered, is_unsafe), shrinkage, _use_dual(solver, n, d))
     return (direction[0] if x.ndim == 2 else direction), alpha
 
 
@@ -219,7 +286,8 @@ def cross_validated_projections(
     solver: Solver = "auto",
     check_constant: str | None = None,
 ) -> tuple[Float[Tensor, "layer n"], Float[Tensor, "fold layer"]]:
-    """Each row's projection ``x · w`` on the shrinkage-LDA direction fitted without its fold.
+    """Each row's projection ``x · w`` on the shrinkage-LDA direction fitted without its fold
+    (standardisation included: ``s`` comes from the training folds only).
 
     Args:
         x: one category's rows ``[n, layer, d]`` (or ``[n, d]``), any float dtype.
@@ -230,49 +298,64 @@ def cross_validated_projections(
 
     Returns:
         ``(projections [layer, n], α [fold, layer])``, float64 on ``x.device``; the
-        projections equal scikit-learn's ``decision_function − intercept_`` for the same folds
-        and α.
+        projections equal scikit-learn's ``decision_function − intercept_`` of the LDA fitted
+        on the training folds divided by their ``s``, applied to the held-out rows divided by
+        the same ``s``.
     """
     layered = as_layered(x)
     n, n_layers, d = layered.shape
     n_folds = int(folds.max()) + 1
     dual = _use_dual(solver, n, d)
     device = layered.device
-    folds, is_unsafe = folds.to(device), is_unsafe.to(device)
-    projections, alphas = [], []
-    # Large chunks: the per-fold work is many small batched solves, cheaper in fewer calls.
+    # Rows sorted by (label, fold): each cell is a contiguous block, and a fold's training
+    # rows, gathered in this order, come safe first.
+    cells = is_unsafe.to(device).long() * n_folds + folds.to(device)
+    order = torch.argsort(cells, stable=True)
+    sorted_folds, sorted_unsafe = (cells[order] % n_folds), (cells[order] >= n_folds)
+    ends = torch.bincount(cells, minlength=2 * n_folds).cumsum(0).tolist()
+    blocks = [slice(start, end) for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+    rows = layered.index_select(0, order)
+    projections = torch.empty(n_layers, n, dtype=torch.float64, device=device)
+    alphas = []
     for layers in layer_chunks(torch.arange(n_layers), n, d, budget=_CHUNK_BYTES):
-        chunk = layered[:, layers.to(device)].to(torch.float64).transpose(0, 1)  # [l, n, d]
-        mean = chunk.mean(1, keepdim=True)
-        centered = chunk - mean  # conditioning: the Gram of raw activations is ill-scaled
+        first, stop = int(layers[0]), int(layers[-1]) + 1
+        chunk = rows[:, first:stop].transpose(0, 1)  # [l, n, d]
         if check_constant is not None:
-            _check_not_constant(centered, check_constant, layers)
-        if dual:
-            gram = centered @ centered.transpose(1, 2)
-            offset = (centered @ mean.transpose(1, 2))[..., 0]  # x_c · mean, so x · w follows
-        chunk_projections = torch.empty(len(layers), n, dtype=torch.float64, device=device)
+            _check_not_constant(chunk, check_constant, layers)
+        centred = torch.empty(chunk.shape, dtype=torch.float64, device=device).copy_(chunk)
+        shift = centred.mean(1, keepdim=True)
+        centred -= shift
+        # Per (label, fold) cell; a fold's training statistics are the totals minus its own.
+        sums = torch.stack([centred[:, block].sum(1) for block in blocks], 1)
+        squares = torch.stack(
+            [torch.linalg.vector_norm(centred[:, block], dim=1).square() for block in blocks], 1
+        )
+        sums, squares = sums.unflatten(1, (2, n_folds)), squares.unflatten(1, (2, n_folds))
+        product_rows = centred.to(_product_dtype(layered.dtype))
         chunk_alphas = []
         for fold in range(n_folds):
-            train = torch.nonzero(folds != fold).flatten()
-            held_out = torch.nonzero(folds == fold).flatten()
-            if dual:
-                beta, alpha = _dual_fit(gram[:, train][:, :, train], is_unsafe[train], d, shrinkage)
-                values = torch.einsum("lmn,ln->lm", gram[:, held_out][:, :, train], beta)
-                values += (offset[:, train] * beta).sum(-1, keepdim=True)
-            else:
-                direction, alpha = _primal_fit(centered[:, train], is_unsafe[train], shrinkage)
-                values = torch.einsum("lmd,ld->lm", chunk[:, held_out], direction)
-            chunk_projections[:, held_out] = values
+            train = torch.nonzero(sorted_folds != fold).flatten()
+            held_out = torch.nonzero(sorted_folds == fold).flatten()
+            design = _standardised_design(
+                product_rows.index_select(1, train),
+                int((~sorted_unsafe[train]).sum()),
+                sums.sum(2) - sums[:, :, fold],
+                squares.sum(2) - squares[:, :, fold],
+                shift,
+            )
+            direction, alpha = _solve(design, shrinkage, dual)
+            values = (centred.index_select(1, held_out) @ direction[..., None])[..., 0]
+            offset = (shift[:, 0] * direction).sum(-1, keepdim=True)  # so that x · w follows
+            projections[first:stop, order[held_out]] = values + offset
             chunk_alphas.append(alpha)
-        projections.append(chunk_projections)
         alphas.append(torch.stack(chunk_alphas))
-    return torch.cat(projections), torch.cat(alphas, dim=1)
+    return projections, torch.cat(alphas, dim=1)
 
 
-def _check_not_constant(centered: Tensor, category: str, layers: Tensor) -> None:
-    spread = centered.square().sum((1, 2))
-    if bool((spread == 0).any()):
-        layer = int(layers[int(torch.nonzero(spread == 0)[0])])
+def _check_not_constant(chunk: Tensor, category: str, layers: Tensor) -> None:
+    constant = ~(chunk != chunk[:, :1]).any(-1).any(-1)
+    if bool(constant.any()):
+        layer = int(layers[int(torch.nonzero(constant)[0])])
         raise ValueError(
             f"category {category!r}: every row has the same activation at layer position "
             f"{layer}; separation is undefined"
@@ -347,6 +430,47 @@ class HeldOutScores:
     shrinkage: Tensor
 
 
+def _category_folds(
+    is_unsafe: Bool[Tensor, " n"], category: str, seed: int, n_folds: int
+) -> tuple[Int[Tensor, " n"], torch.Generator]:
+    """A category's stratified folds, and the generator (seeded by ``seed`` and the category's
+    name) that drew them, for its resamples."""
+    n_safe, n_unsafe = int((~is_unsafe).sum()), int(is_unsafe.sum())
+    if min(n_safe, n_unsafe) < n_folds:
+        raise ValueError(
+            f"category {category!r} has {n_safe} safe and {n_unsafe} unsafe rows; "
+            f"{n_folds}-fold cross-validation needs at least {n_folds} of each"
+        )
+    generator = torch.Generator().manual_seed(category_seed(seed, category))
+    return stratified_folds(is_unsafe, n_folds, generator), generator
+
+
+def _summarise(
+    projections: Float[Tensor, "layer n"],
+    alphas: Float[Tensor, "fold layer"],
+    is_unsafe: Bool[Tensor, " n"],
+    folds: Int[Tensor, " n"],
+    weights: Float[Tensor, "b n"],
+) -> HeldOutScores:
+    """Per fold the held-out rows' AUC and η² (for each resample weighting); their means over
+    folds."""
+    device = projections.device
+    weights, folds, is_unsafe = weights.to(device), folds.to(device), is_unsafe.to(device)
+    auc, eta2 = [], []
+    for fold in range(alphas.shape[0]):
+        held_out = torch.nonzero(folds == fold).flatten()
+        arguments = (projections[:, held_out], is_unsafe[held_out], weights[:, held_out])
+        auc.append(_weighted_auc(*arguments))
+        eta2.append(_weighted_eta2(*arguments))
+    mean_auc = torch.stack(auc).mean(0)
+    return HeldOutScores(
+        score=100.0 * (2.0 * mean_auc - 1.0),
+        auc=mean_auc,
+        eta2=torch.stack(eta2).mean(0),
+        shrinkage=alphas.mean(0),
+    )
+
+
 def held_out_scores(
     x: Float[Tensor, "n layer d"] | Float[Tensor, "n d"],
     is_unsafe: Bool[Tensor, " n"],
@@ -365,14 +489,7 @@ def held_out_scores(
     so the result does not change when other categories join or leave a run. Per fold the
     held-out rows' AUC and η² are computed; the scores are their means over folds.
     """
-    n_safe, n_unsafe = int((~is_unsafe).sum()), int(is_unsafe.sum())
-    if min(n_safe, n_unsafe) < n_folds:
-        raise ValueError(
-            f"category {category!r} has {n_safe} safe and {n_unsafe} unsafe rows; "
-            f"{n_folds}-fold cross-validation needs at least {n_folds} of each"
-        )
-    generator = torch.Generator().manual_seed(category_seed(seed, category))
-    folds = stratified_folds(is_unsafe, n_folds, generator)
+    folds, generator = _category_folds(is_unsafe, category, seed, n_folds)
     weights = _resample_weights(folds, is_unsafe, n_bootstrap, generator)
     projections, alphas = cross_validated_projections(
         x,
@@ -382,21 +499,101 @@ def held_out_scores(
         solver=solver,
         check_constant=category if check_constant else None,
     )
-    device = projections.device
-    weights, folds, is_unsafe = weights.to(device), folds.to(device), is_unsafe.to(device)
-    auc, eta2 = [], []
-    for fold in range(n_folds):
-        held_out = torch.nonzero(folds == fold).flatten()
-        arguments = (projections[:, held_out], is_unsafe[held_out], weights[:, held_out])
-        auc.append(_weighted_auc(*arguments))
-        eta2.append(_weighted_eta2(*arguments))
-    mean_auc = torch.stack(auc).mean(0)
-    return HeldOutScores(
-        score=100.0 * (2.0 * mean_auc - 1.0),
-        auc=mean_auc,
-        eta2=torch.stack(eta2).mean(0),
-        shrinkage=alphas.mean(0),
+    return _summarise(projections, alphas, is_unsafe, folds, weights)
+
+
+def category_centred_projections(
+    x: Float[Tensor, "n layer d"] | Float[Tensor, "n d"],
+    is_unsafe: Bool[Tensor, " n"],
+    category: Int[Tensor, " n"],
+    folds: Int[Tensor, " n"],
+    *,
+    shrinkage: Shrinkage = "oas",
+    solver: Solver = "auto",
+) -> tuple[Float[Tensor, "layer n"], Float[Tensor, "fold layer"]]:
+    """Held-out projections of all categories' rows pooled, the category a nuisance factor.
+
+    Per fold, every row (training or held-out) has its category's *midpoint* subtracted: the
+    mean of the category's safe and unsafe training-row means (the category's mean as if its
+    labels were balanced, so categories with different label proportions are not shifted
+    along the class difference). One shrinkage-LDA direction (:func:`lda_direction`'s
+    estimator) is fitted on the centred training rows of all categories and the centred
+    held-out rows are projected on it. An offset added to all rows of a category cancels.
+
+    Args:
+        x: rows of every category ``[n, layer, d]`` (or ``[n, d]``), any float dtype.
+        is_unsafe: label per row.
+        category: category index per row, ``0..c−1``.
+        folds: fold id per row, ``0..k−1``; every (category, fold) must hold training rows of
+            both labels.
+        shrinkage, solver: see :func:`lda_direction`.
+
+    Returns:
+        ``(projections [layer, n], α [fold, layer])``, float64 on ``x.device``.
+    """
+    layered = as_layered(x)
+    n, n_layers, d = layered.shape
+    n_folds, n_categories = int(folds.max()) + 1, int(category.max()) + 1
+    dual = _use_dual(solver, n, d)
+    device = layered.device
+    folds, is_unsafe, category = folds.to(device), is_unsafe.to(device), category.to(device)
+    cells = (category * n_folds + folds) * 2 + is_unsafe.long()
+    onehot = torch.nn.functional.one_hot(cells, 2 * n_folds * n_categories).to(torch.float64)
+    counts = onehot.sum(0).view(n_categories, n_folds, 2)
+    projections, alphas = [], []
+    for layers in layer_chunks(torch.arange(n_layers), n, d, budget=_CHUNK_BYTES):
+        chunk = layered[:, layers.to(device)].transpose(0, 1).to(torch.float64)  # [l, n, d]
+        sums = torch.einsum("nc,lnd->lcd", onehot, chunk)
+        sums = sums.unflatten(1, (n_categories, n_folds, 2))
+        chunk_projections = torch.empty(len(layers), n, dtype=torch.float64, device=device)
+        chunk_alphas = []
+        for fold in range(n_folds):
+            training_counts = counts.sum(1) - counts[:, fold]  # [category, 2]
+            if bool((training_counts == 0).any()):
+                raise ValueError(f"fold {fold}: a category lacks training rows of one label")
+            label_means = (sums.sum(2) - sums[:, :, fold]) / training_counts[..., None]
+            centred = chunk - label_means.mean(2)[:, category]
+            train = torch.nonzero(folds != fold).flatten()
+            held_out = torch.nonzero(folds == fold).flatten()
+            design = _design_of(centred[:, train], is_unsafe[train], _product_dtype(layered.dtype))
+            direction, alpha = _solve(design, shrinkage, dual)
+            chunk_projections[:, held_out] = torch.einsum(
+                "lmd,ld->lm", centred[:, held_out], direction
+            )
+            chunk_alphas.append(alpha)
+        projections.append(chunk_projections)
+        alphas.append(torch.stack(chunk_alphas))
+    return torch.cat(projections), torch.cat(alphas, dim=1)
+
+
+def centred_overall_scores(
+    x: Float[Tensor, "n layer d"] | Float[Tensor, "n d"],
+    is_unsafe: Bool[Tensor, " n"],
+    rows: Mapping[str, Tensor],
+    *,
+    seed: int,
+    n_folds: int = 5,
+    n_bootstrap: int = 200,
+    shrinkage: Shrinkage = "oas",
+    solver: Solver = "auto",
+) -> HeldOutScores:
+    """Safe vs unsafe over the rows of all categories of ``rows`` (not :data:`OVERALL`),
+    centred per category (:func:`category_centred_projections`). Each category keeps its own
+    folds (those of :func:`held_out_scores`); resamples within (fold, label) cells, seeded by
+    ``seed`` and :data:`CENTRED_OVERALL`."""
+    folds = torch.empty(len(is_unsafe), dtype=torch.long)
+    category = torch.empty(len(is_unsafe), dtype=torch.long)
+    for index, (name, members) in enumerate(
+        (name, members) for name, members in rows.items() if name != OVERALL
+    ):
+        folds[members] = _category_folds(is_unsafe[members], name, seed, n_folds)[0]
+        category[members] = index
+    generator = torch.Generator().manual_seed(category_seed(seed, CENTRED_OVERALL))
+    weights = _resample_weights(folds, is_unsafe, n_bootstrap, generator)
+    projections, alphas = category_centred_projections(
+        x, is_unsafe, category, folds, shrinkage=shrinkage, solver=solver
     )
+    return _summarise(projections, alphas, is_unsafe, folds, weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -466,10 +663,13 @@ def mahalanobis_scores(
     seed: int,
     confidence: float,
     device: torch.device,
+    centred_overall: bool = False,
 ) -> dict[str, AQIScore]:
     """Scores of every category of ``rows`` (except :data:`OVERALL`) at the layer
     ``positions``, and :data:`OVERALL` as their unweighted mean (score, AUC, η², curves,
-    baselines; its interval from the categories' resamples averaged index by index)."""
+    baselines; its interval from the categories' resamples averaged index by index); with
+    ``centred_overall`` also :data:`CENTRED_OVERALL` (:func:`centred_overall_scores`, its
+    baselines scored the same way)."""
     index = torch.tensor(list(positions))
     held: dict[str, HeldOutScores] = {}
     scores: dict[str, AQIScore] = {}
@@ -478,7 +678,10 @@ def mahalanobis_scores(
         if name == OVERALL:
             continue
         options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
-        category_x = x[members.to(x.device)][:, index.to(x.device)].to(device)
+        category_x = x.index_select(0, members.to(x.device))
+        if index.tolist() != list(range(x.shape[1])):
+            category_x = category_x.index_select(1, index.to(x.device))
+        category_x = category_x.to(device)
         labels = is_unsafe[members]
         held[name] = held_out_scores(
             category_x, labels, category=name, n_bootstrap=n_bootstrap, **options
@@ -520,4 +723,25 @@ def mahalanobis_scores(
         confidence if n_bootstrap > 0 else None,
         {name: sum(values) / len(values) for name, values in baseline_means.items()} or None,
     )
+    if centred_overall:
+        options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
+        pooled = centred_overall_scores(
+            x[:, index.to(x.device)].to(device), is_unsafe, rows, n_bootstrap=n_bootstrap, **options
+        )
+        baseline_scores = {
+            name: float(
+                centred_overall_scores(
+                    features.to(device), is_unsafe, rows, n_bootstrap=0, **options
+                ).score[0, 0]
+            )
+            for name, features in baselines.items()
+        }
+        scores[CENTRED_OVERALL] = _score(
+            CENTRED_OVERALL,
+            pooled,
+            len(is_unsafe) - n_unsafe_total,
+            n_unsafe_total,
+            confidence if n_bootstrap > 0 else None,
+            baseline_scores or None,
+        )
     return scores

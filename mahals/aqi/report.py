@@ -11,10 +11,17 @@ from typing import Any, Literal
 
 from mahals.io import atomic_write_json
 
-__all__ = ["OVERALL", "AQIReport", "AQIScore", "Mode"]
+__all__ = ["CENTRED_OVERALL", "OVERALL", "SUMMARY_ROWS", "AQIReport", "AQIScore", "Mode"]
 
 OVERALL = "overall"
 """Name of the category made of all rows of a run."""
+
+CENTRED_OVERALL = "overall_centred"
+"""Name of the optional mahalanobis row that scores all rows pooled after removing each
+category's mean (the category as a nuisance factor)."""
+
+SUMMARY_ROWS = (OVERALL, CENTRED_OVERALL)
+"""Report rows that summarise the categories rather than being one."""
 
 Mode = Literal["mahalanobis", "geometry", "reference"]
 
@@ -84,7 +91,8 @@ _CURVE_FIELDS = (
 
 @dataclass(frozen=True)
 class AQIReport:
-    """AQI of one model on one labelled dataset: a score per axiom plus :data:`OVERALL`.
+    """AQI of one model on one labelled dataset: a score per axiom plus :data:`OVERALL` (and,
+    when asked for, :data:`CENTRED_OVERALL`).
 
     ``layers`` are the layer indices the scores were computed on (one for a single-layer
     score; several when pooled, with per-layer curves in each score). ``settings`` records
@@ -104,8 +112,8 @@ class AQIReport:
 
     @property
     def axioms(self) -> list[str]:
-        """Category names other than :data:`OVERALL`, in report order."""
-        return [name for name in self.scores if name != OVERALL]
+        """Category names other than the :data:`SUMMARY_ROWS`, in report order."""
+        return [name for name in self.scores if name not in SUMMARY_ROWS]
 
     def __getitem__(self, category: str) -> AQIScore:
         return self.scores[category]

@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mahals._time import utc_timestamp
-from mahals.cluster import ClusterError, FanOut, PlanError
+from mahals.cluster import ClusterError, FanOut
 from mahals.io import atomic_write_json
 from mahals.pipelines.checkpoint import (
     CHECKPOINT_VERSION,
@@ -40,11 +41,15 @@ __all__ = [
     "ItemTask",
     "OutputFolderLocked",
     "RunSummary",
+    "TRACEBACK_VARIABLE",
+    "USER_ERRORS",
+    "exit_status",
     "holds_output_lock",
     "lock_output_folder",
     "add_cluster_arguments",
     "add_run_arguments",
     "compute_item",
+    "result_fields",
     "run_options",
     "run_checkpointed",
     "run_command",
@@ -56,18 +61,23 @@ DEFAULT_MAX_BATCH_TOKENS = 4096
 """Padded tokens per forward pass: keeps activation memory near 1-2 GB on 7-9B models while an
 H100 still runs at full throughput (see benchmarks/README.md)."""
 
-#: Errors a user can fix (bad file, key, checkpoint or setting): the CLI prints them on one
-#: line and exits with status 2; anything else is a bug and keeps its traceback.
+#: Errors a user can fix (bad file, key, argument, data, checkpoint or setting): the CLI prints
+#: them on one line and exits with status 2 (:func:`exit_status`); anything else is a bug and
+#: keeps its traceback. mahals raises ``ValueError`` (its data errors are subclasses) for an
+#: invalid argument or input and ``OSError`` for a file, folder, cache or hub problem, whether
+#: the setting is parsed or the phase is running; ``TypeError``, ``KeyError``, ``IndexError``,
+#: ``AttributeError``, ``RuntimeError`` … are programming errors.
 USER_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    OSError,  # missing/unwritable files and folders, broken caches, hub failures
     CheckpointError,
     RegistryError,
-    FileNotFoundError,
-    PermissionError,  # an output folder that cannot be written: found before any model loads
-    NotADirectoryError,
     FloatingPointError,  # non-finite activations: the message says which dtype to use
-    PlanError,  # a model that cannot fit the GPUs its task was given
     ClusterError,  # Ray missing for --ray-address, or the cluster unreachable
 )
+
+TRACEBACK_VARIABLE = "MAHALS_TRACEBACK"
+"""Environment variable: set to ``1`` to see user errors' full tracebacks too."""
 
 LOCK_NAME = ".mahals.lock"
 """The lock file of an output folder: one writer at a time (:func:`lock_output_folder`)."""
@@ -183,6 +193,7 @@ def run_checkpointed(
     keep_on_fresh: Collection[str] = (),
     identity: Callable[[str], Mapping[str, str]] | None = None,
     item_files: Collection[str] = (),
+    result_problem: Callable[[Any], str | None] | None = None,
     wait_for_lock: bool = False,
     fan_out: FanOut | None = None,
 ) -> CheckpointedRun:
@@ -209,7 +220,9 @@ def run_checkpointed(
     ``identity(item)`` says what an item's result was computed from (rows' SHA-256, model
     source, weights fingerprint …); a finished item whose recorded identity differs from the
     current one is computed again (the log names what changed), as is one whose
-    ``item_files`` (names inside its folder) are missing or empty.
+    ``item_files`` (names inside its folder) are missing or empty, or whose recorded result
+    ``result_problem(result)`` finds malformed (it returns what is wrong, e.g. a missing
+    ``AQI``, or ``None``), so a damaged result never reaches the summary.
 
     Temporary files that a killed run left behind mid atomic write (``.<name>.*.tmp``) are
     removed from ``out_dir`` at the start and from an item's folder before it is computed; only
@@ -224,7 +237,9 @@ def run_checkpointed(
                 _clear_item_folder(out_dir, item, keep=keep_on_fresh)
         identities = {item: dict(identity(item)) for item in items} if identity else {}
         for item in items:
-            _derive_entry(checkpoint, item, folders[item], identities.get(item), item_files)
+            _derive_entry(
+                checkpoint, item, folders[item], identities.get(item), item_files, result_problem
+            )
         checkpoint.save()
         tasks = [
             ItemTask(
@@ -343,22 +358,26 @@ def _derive_entry(
     folder: Path,
     current: Mapping[str, str] | None,
     item_files: Collection[str],
+    result_problem: Callable[[Any], str | None] | None,
 ) -> None:
     """Make ``checkpoint``'s entry of ``item`` what its result file says: adopted when the file
-    is valid and stands (same identity, output files there), forgotten otherwise."""
+    is valid and stands (same identity, well-formed result, output files there), forgotten
+    otherwise."""
     task = ItemTask(item, folder, checkpoint.path.name, checkpoint.settings, current)
     entry, unusable = _read_item_result(folder, item, task.run, checkpoint.settings)
     legacy = entry is None and unusable is None and item in checkpoint.completed
+    source = checkpoint.path if legacy else task.result_path
     if legacy:  # a checkpoint of an older mahals: its entry stands in for the result file
         entry = checkpoint.entry(item)
+    action = "left out (--skip)" if checkpoint.skipping else "computing it again"
     if entry is None:
         if unusable:
-            log.warning("%s: %s; computing it again", item, unusable)
+            log.warning("%s: %s; %s", item, unusable, action)
         checkpoint.forget(item)
         return
-    stale = _stale_reason(entry.get("identity", {}), folder, current, item_files)
+    stale = _stale_reason(entry, source, folder, current, item_files, result_problem)
     if stale:
-        log.warning("%s: %s; computing it again", item, stale)
+        log.warning("%s: %s; %s", item, stale, action)
         checkpoint.forget(item)
         return
     if legacy and not checkpoint.skipping:
@@ -367,12 +386,19 @@ def _derive_entry(
 
 
 def _stale_reason(
-    recorded: Mapping[str, str],
+    entry: Mapping[str, Any],
+    source: Path,
     folder: Path,
     current: Mapping[str, str] | None,
     item_files: Collection[str],
+    result_problem: Callable[[Any], str | None] | None,
 ) -> str | None:
-    """Why a finished item's recorded result cannot stand (``None`` if it can)."""
+    """Why a finished item's recorded ``entry`` (read from ``source``) cannot stand (``None``
+    if it can)."""
+    problem = result_problem(entry["result"]) if result_problem else None
+    if problem:
+        return f"its result recorded in {source} is malformed ({problem})"
+    recorded = entry.get("identity", {})
     if current is not None:
         changed = sorted(
             key for key in set(current) | set(recorded) if current.get(key) != recorded.get(key)
@@ -387,6 +413,29 @@ def _stale_reason(
     if missing:
         return f"its output files {missing} are missing or empty"
     return None
+
+
+def result_fields(
+    required: Collection[str], *, finite: Collection[str] = ()
+) -> Callable[[Any], str | None]:
+    """A ``result_problem`` check for :func:`run_checkpointed`: a result must be a JSON object
+    holding every ``required`` field, each of ``finite`` a finite number."""
+
+    def problem(result: Any) -> str | None:
+        if not isinstance(result, Mapping):
+            return f"not a JSON object but {type(result).__name__}"
+        missing = [name for name in required if name not in result]
+        if missing:
+            return f"it lacks {missing}"
+        for name in finite:
+            value = result[name]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{name} is {value!r}, not a number"
+            if not math.isfinite(value):
+                return f"{name} is {value!r}"
+        return None
+
+    return problem
 
 
 def _item_folder(out_dir: Path, item: str) -> Path:
@@ -529,27 +578,36 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def exit_status(
+    command: str,
+    action: Callable[[], int | None],
+    extra_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    """Run ``mahals <command>``'s ``action``: its exit status (``None`` counts as 0), or 2 after
+    printing ``mahals <command>: error: …`` as one line on standard error when it raises a user
+    error (:data:`USER_ERRORS` or ``extra_errors``). Other exceptions propagate with their
+    traceback, as do user errors when ``$MAHALS_TRACEBACK`` is ``1``."""
+    try:
+        return action() or 0
+    except (*USER_ERRORS, *extra_errors) as error:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1":
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"mahals {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+        return 2
+
+
 def run_command(
     command: str,
     config: Callable[[], Any],
     run: Callable[[Any], Any],
     data_errors: tuple[type[Exception], ...] = (),
 ) -> int:
-    """``run(config())`` for ``mahals <command>``: 0 on success; 2 with a one-line
-    ``mahals <command>: error: …`` on standard error for a user error (:data:`USER_ERRORS`,
-    ``data_errors``, or a ``ValueError`` from ``config()``, i.e. an invalid setting)."""
-    try:
-        settings = config()
-    except (ValueError, *USER_ERRORS) as error:
-        return _user_error(command, error)
-    try:
-        run(settings)
-    except (*USER_ERRORS, *data_errors) as error:
-        return _user_error(command, error)
-    return 0
+    """``run(config())`` for ``mahals <command>`` through :func:`exit_status`: 0 on success, 2
+    with a one-line message for a user error, while the settings are read or the phase runs
+    (``data_errors``: further exception types that count as user errors)."""
 
+    def action() -> None:
+        run(config())
 
-def _user_error(command: str, error: Exception) -> int:
-    message = error.args[0] if isinstance(error, KeyError) and error.args else error
-    print(f"mahals {command}: error: {message}", file=sys.stderr)
-    return 2
+    return exit_status(command, action, data_errors)

@@ -36,6 +36,7 @@ from mahals.cluster import fan_out
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID, SafetyDataError
 from mahals.io import atomic_write_json, atomic_write_text
+from mahals.layers import select_layers
 from mahals.models import MahalsModel
 from mahals.pipelines.caching import (
     N_TOKENS_KEY,
@@ -50,6 +51,7 @@ from mahals.pipelines.common import (
     RunSummary,
     add_run_arguments,
     holds_output_lock,
+    result_fields,
     run_checkpointed,
     run_command,
     run_options,
@@ -64,6 +66,7 @@ __all__ = [
     "Phase1Config",
     "Phase1Summary",
     "add_arguments",
+    "check_layers",
     "config_from_args",
     "load_dataset",
     "resolve_models",
@@ -85,6 +88,10 @@ AQI_MODES = ("mahalanobis", "geometry", "reference")
 EMBEDDING_BASELINE = "embedding"
 
 Layers = int | tuple[int, ...] | Literal["all"]
+#: What the results table, the summary and the plots read from each model's checkpointed result
+#: (a stored result lacking one is computed again).
+RESULT_FIELDS = ("model", "AQI", "ci95", "AUC", "eta2", "baselines", "gain_over_best_baseline",
+                 "CHI_norm", "XB_norm", "CHI_raw", "per_axiom", "layer_curve")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,18 @@ def resolve_models(keys: Sequence[str], registry: Registry) -> dict[str, ModelSp
         key: registry.pair(key).tuned if key in registry.pairs else registry.model(key)
         for key in keys
     }
+
+
+def check_layers(config: Phase1Config, specs: Mapping[str, ModelSpec]) -> None:
+    """Refuse ``config.layers`` naming a layer that one of the models lacks (by its registry
+    ``n_layers``), before any model loads: a ``ValueError`` naming the model."""
+    if config.aqi_mode == "reference":  # always scores the last layer
+        return
+    for key, spec in specs.items():
+        try:
+            select_layers(config.layers, spec.n_layers)
+        except (IndexError, ValueError) as error:
+            raise ValueError(f"--layers does not fit model {key!r}: {error}") from None
 
 
 def load_dataset(config: Phase1Config) -> SafetyDataset:
@@ -462,6 +481,7 @@ def run_phase1(
     """
     registry = registry or load_registry()
     specs = resolve_models(config.models, registry)
+    check_layers(config, specs)
     log.info("%s", device_line())
     banner(
         log,
@@ -485,6 +505,7 @@ def run_phase1(
             identity=lambda key: item_identity(dataset.texts, model=specs[key]),
             item_files=("result.json", "metrics_summary.json", "metrics_summary.csv"),
             fan_out=fan_out(config.workers, config.ray_address, lambda key: [specs[key]]),
+            result_problem=result_fields(RESULT_FIELDS, finite=("AQI",)),
             compute=lambda key: _evaluate_model(
                 config, key, specs[key], _display_name(key, specs[key], registry), dataset, slot
             ),

@@ -46,6 +46,7 @@ from mahals.pipelines.common import (
     RunSummary,
     add_run_arguments,
     holds_output_lock,
+    result_fields,
     run_checkpointed,
     run_command,
     run_options,
@@ -87,6 +88,10 @@ DEFAULT_OUT_DIR = Path("outputs/phase2_steering_vectors")
 #: Registry study run when no pairs are named: the reference implementation's six pairs.
 DEFAULT_STUDY = "seed"
 CHECKPOINT_NAME = "phase2_steering_checkpoint.json"
+#: What the results table, the summary and the plots read from each pair's checkpointed result
+#: (a stored result lacking one is computed again).
+RESULT_FIELDS = ("data", "n_layers", "d_model", "cosine_chosen", "cosine_chosen_mean",
+                 "cosine_rejected_mean", "norms_chosen")  # fmt: skip
 SUMMARY_NAME = "phase2_summary.json"
 
 
@@ -363,6 +368,7 @@ def run_phase2(
                 config.ray_address,
                 lambda key: [pairs[key].base, pairs[key].tuned],
             ),
+            result_problem=result_fields(RESULT_FIELDS),
             identity=lambda key: {
                 **data_identity,
                 **item_identity(base=pairs[key].base, tuned=pairs[key].tuned),

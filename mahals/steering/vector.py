@@ -329,12 +329,11 @@ class SteeringVector:
             )
         try:
             meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{sidecar}: not valid JSON ({error})") from error
-        if meta.get("format") != SIDECAR_FORMAT:
-            raise ValueError(
-                f"{sidecar}: not a {SIDECAR_FORMAT} sidecar (format={meta.get('format')!r})"
-            )
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{sidecar}: not valid UTF-8 JSON ({error})") from error
+        if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{sidecar}: not a {SIDECAR_FORMAT} sidecar (format={found!r})")
         tensors = load_tensors(path)
         if TENSOR_KEY not in tensors:
             raise ValueError(f"{path}: no {TENSOR_KEY!r} tensor (found {sorted(tensors)})")
@@ -345,11 +344,15 @@ class SteeringVector:
                 "(one of the two was replaced, or a save was interrupted between them); "
                 "save the vector again"
             )
-        layers = meta.get("layers", [])
-        if list(vectors.shape) != meta.get("shape") or len(layers) != vectors.shape[0]:
+        layers = meta.get("layers")
+        if (
+            list(vectors.shape) != meta.get("shape")
+            or not isinstance(layers, list)
+            or len(layers) != vectors.shape[0]
+        ):
             raise ValueError(
                 f"{path}: tensor of shape {tuple(vectors.shape)} does not match its sidecar "
-                f"{sidecar} (shape {meta.get('shape')}, {len(layers)} layers)"
+                f"{sidecar} (shape {meta.get('shape')}, layers {layers!r})"
             )
         if meta.get("format_version") not in (1, SIDECAR_FORMAT_VERSION):
             raise ValueError(
@@ -359,7 +362,10 @@ class SteeringVector:
         fields = {key: meta[key] for key in cls.__dataclass_fields__ if key in meta}
         if "token_position" in meta:  # format version 1
             fields["pool"] = meta["token_position"]
-        return cls(vectors=vectors.to(device), **{**fields, "layers": tuple(layers)})
+        try:
+            return cls(vectors=vectors.to(device), **{**fields, "layers": tuple(layers)})
+        except (TypeError, ValueError) as error:  # e.g. NaN values, malformed sidecar fields
+            raise ValueError(f"{path} (sidecar {sidecar}): {error}") from error
 
     def to_gguf(self, path: str | Path, *, model_hint: str) -> Path:
         """Write a llama.cpp control vector (``--control-vector path``), as repeng exports it.
