@@ -389,6 +389,10 @@ class Checkpoint:
                 "updated_at": utc_timestamp(),
                 "settings": self.settings,
                 "items": list(self.items),
-                "results": self._entries,
+                # this run's items in item order (parallel workers finish in any order)
+                "results": {
+                    **{item: self._entries[item] for item in self.completed},
+                    **self._entries,
+                },
             },
         )
