@@ -401,7 +401,7 @@ def capture(
         per_text: list[Tensor | None] = [None] * len(sequences)
         for rows in batches:
             reads, batch = trace(rows)
-            stacked = torch.stack(reads, dim=1)  # [batch, layers, tokens, d]
+            stacked = _stack_on(reads, device)  # [batch, layers, tokens, d]
             for row, index in enumerate(rows):
                 real = batch.attention_mask[row].bool()
                 per_text[index] = stacked[row][:, real].float().cpu()
@@ -418,7 +418,7 @@ def capture(
     ) as bar:
         for rows in batches:
             reads, _ = trace(rows)
-            staged = _Staged.start(rows, torch.stack(reads, dim=1), on_cuda)
+            staged = _Staged.start(rows, _stack_on(reads, device), on_cuda)
             # Land the previous batch only now: its copy finished long ago, while this batch's
             # kernels keep the GPU busy as the host prepares the next one.
             if in_flight is not None:
@@ -427,6 +427,12 @@ def capture(
             bar.update(len(rows))
         in_flight.land(out, model, layer_ids)
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
+
+
+def _stack_on(reads: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Per-layer reads stacked on ``device`` along dim 1 (a model split across GPUs reads each
+    layer on that layer's GPU)."""
+    return torch.stack([read.to(device, non_blocking=True) for read in reads], dim=1)
 
 
 @dataclass
@@ -446,11 +452,12 @@ class _Staged:
         if not on_cuda:
             return cls(rows, pooled, None, finite)
         host = torch.empty(pooled.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(pooled, non_blocking=True)
-        host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-        host_finite.copy_(finite, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+        with torch.cuda.device(pooled.device):  # the copies and their event on pooled's GPU
+            host.copy_(pooled, non_blocking=True)
+            host_finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host_finite.copy_(finite, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
         return cls(rows, host, done, host_finite)
 
     def check_finite(self, model: MahalsModel, layer_ids: Sequence[int]) -> None:

@@ -181,7 +181,7 @@ def _batched(
             model,
             batch,
             interventions=interventions,
-            logits_reader=lambda logits, b, s=starts, r=rows: reader(logits, b, s, r),
+            logits_reader=lambda logits, b, s=starts, r=rows: reader(logits, b, s.to(b.device), r),
         )
         outputs.append(out.detach().to("cpu"))
     return outputs
@@ -367,7 +367,7 @@ def refusal_log_odds(
     def read(logits: Tensor, batch: Batch, starts: Tensor, rows: slice) -> Tensor:
         rows_index = torch.arange(batch.size, device=logits.device)
         logp = logits[rows_index, starts - 1].float().log_softmax(-1).double()
-        in_r = logp[:, refusal].logsumexp(-1)
+        in_r = logp[:, refusal.to(logp.device)].logsumexp(-1)
         return in_r - torch.log1p(-in_r.exp().clamp(max=1 - 1e-12))
 
     return torch.cat(_batched(model, scored, batch_size, read, interventions))

@@ -481,7 +481,10 @@ def load_model(
             a built model keeps its own dtype unless one is given (it is then cast in place).
         device: defaults to CUDA when available; ignored when ``device_map`` is given; a built
             model stays where it is unless one is given (it is then moved in place).
-        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to shard across GPUs).
+        device_map: passed to ``from_pretrained`` (e.g. ``"auto"`` to split the layers across
+            the visible GPUs, or a ``{module name: device}`` dict); a built model is dispatched
+            the same way (accelerate's ``dispatch_model``). Capture, steering and generation
+            then read and write each layer on its own device.
         attn_implementation: defaults to flash-attention 2 when installed on CUDA, else sdpa.
         registry: defaults to :func:`mahals.registry.load_registry` (built-in + ``$MAHALS_REGISTRY``).
         adapter: a LoRA adapter (local folder, ``package:`` path or hub id) merged into the
@@ -509,11 +512,8 @@ def load_model(
             raise ValueError(
                 "load_model got a built transformers model but no tokenizer: pass tokenizer="
             )
-        if device_map is not None:
-            raise ValueError(
-                "load_model got a built transformers model and device_map=: a built model is "
-                "already placed; dispatch it yourself (accelerate) or load it from its checkpoint"
-            )
+        if device_map is not None and device is not None:
+            raise ValueError("load_model got both device= and device_map=: pass one")
         hf_model, name = (
             source,
             getattr(source.config, "_name_or_path", None) or type(source).__name__,
@@ -521,6 +521,8 @@ def load_model(
         # A built model is the caller's: moved or cast only when asked to.
         if dtype is not None or device is not None:
             hf_model.to(device=device, dtype=dtype)
+        if device_map is not None:
+            hf_model = _dispatch(hf_model, device_map)
     else:
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -575,6 +577,31 @@ def load_model(
     if verbose and line:
         logger.info(line)
     return model
+
+
+def _dispatch(hf_model: PreTrainedModel, device_map: str | dict) -> PreTrainedModel:
+    """Place a built model by ``device_map`` as ``from_pretrained(device_map=…)`` does
+    (accelerate's ``dispatch_model``: each block on its device, hooks move the hidden states
+    between them). ``"auto"`` splits the decoder layers over the visible GPUs; a device name
+    puts the whole model there."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map == "auto":  # balanced over the GPUs, as from_pretrained's "auto"
+        blocks = list(hf_model._no_split_modules or [])
+        device_map = infer_auto_device_map(
+            hf_model,
+            max_memory=get_balanced_memory(hf_model, no_split_module_classes=blocks),
+            no_split_module_classes=blocks,
+        )
+    elif isinstance(device_map, str | torch.device):
+        device_map = {"": str(device_map)}
+    device_map = dict(device_map)
+    # A split map gets accelerate's hooks even when every part is on one device, so that path
+    # runs the same on a CPU as across GPUs.
+    hf_model = dispatch_model(hf_model, device_map=device_map, force_hooks=len(device_map) > 1)
+    hf_model.hf_device_map = device_map
+    return hf_model
 
 
 def _route_residual_only(decoder_layers) -> None:

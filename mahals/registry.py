@@ -56,7 +56,9 @@ class ModelSpec:
     when set, is a LoRA adapter merged into ``source`` on loading: a local directory, a hub id,
     or ``package:<path>`` inside the mahals package (see :func:`mahals.pairs.merge_lora`).
     ``trust_remote_code`` opts in to running the Python code shipped with the checkpoint
-    (never by default).
+    (never by default). ``gpus`` is how many GPUs the model is split across (``device_map``;
+    1 for 7–9B models in bf16); ``billion_params`` its parameter count, for the planner's
+    memory check (:func:`mahals.cluster.check_fits`; estimated from the shape when absent).
     """
 
     key: str
@@ -68,6 +70,14 @@ class ModelSpec:
     chat: bool = False
     adapter: str | None = None
     trust_remote_code: bool = False
+    gpus: int = 1
+    billion_params: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.gpus, int) or self.gpus < 1:
+            raise RegistryError(
+                f"model {self.key!r}: gpus must be an integer >= 1, got {self.gpus!r}"
+            )
 
 
 @dataclass(frozen=True)

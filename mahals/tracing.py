@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
@@ -72,6 +72,9 @@ class Batch:
     last: Int[Tensor, " batch"]
     step: int = 0
     padded: bool = True
+    _copies: dict[torch.device, Batch] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def pad(
@@ -128,6 +131,26 @@ class Batch:
         zeros = torch.zeros(self.size, dtype=torch.long, device=self.device)
         positions = (self.last - self.first + step).unsqueeze(1)
         return Batch(ones.clone(), ones, positions, zeros, zeros, step, padded=False)
+
+    def on(self, device: torch.device) -> Batch:
+        """This batch on ``device`` (itself when already there; a copy is made once per device).
+
+        A model split across GPUs (``device_map``) holds each layer's hidden states on that
+        layer's GPU: readers and writers get the batch there, so masks, positions and row
+        indices meet the hidden states on their own device.
+        """
+        if device == self.input_ids.device:
+            return self
+        if device not in self._copies:
+            self._copies[device] = replace(
+                self,
+                input_ids=self.input_ids.to(device),
+                attention_mask=self.attention_mask.to(device),
+                position_ids=self.position_ids.to(device),
+                first=self.first.to(device),
+                last=self.last.to(device),
+            )
+        return self._copies[device]
 
     def token_mask(self) -> Float[Tensor, "batch tokens"]:
         """``attention_mask`` as float32, for masked reductions on the device."""
@@ -195,6 +218,7 @@ def _apply(
 ) -> Tensor:
     """Run the writers of ``layer`` in order; returns the (written) residual-stream tensor."""
     hidden = model.adapter.unwrap(layer_output)
+    batch = batch.on(hidden.device)
     for intervention in writers:
         new = intervention(layer, hidden, batch)
         if new is not None and new is not hidden:
@@ -267,18 +291,20 @@ def run_trace(
             hidden = _apply(model, writers.get(layer, ()), layer, output, batch)
             if layer in read_layers:
                 if reader is not None:
-                    reads[layer] = reader(layer, hidden, batch)
+                    reads[layer] = reader(layer, hidden, batch.on(hidden.device))
                 else:
                     # A later block may add to this tensor in place (Falcon): keep a copy.
                     reads[layer] = hidden.clone()
         if logits_reader is not None:
-            logits.append(logits_reader(model.nn.output.logits, batch))
+            output_logits = model.nn.output.logits
+            logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
         elif visit:
             tracer.stop()
     for cache in caches:
         with torch.inference_mode():
             for layer, key in zip(held, cache.keys(), strict=True):
-                reads[layer] = reader(layer, model.adapter.unwrap(cache[key].output), batch)
+                hidden = model.adapter.unwrap(cache[key].output)
+                reads[layer] = reader(layer, hidden, batch.on(hidden.device))
     return [reads[layer] for layer in read_layers], (logits[0] if logits else None)
 
 

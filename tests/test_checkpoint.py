@@ -19,6 +19,7 @@ from mahals.pipelines.checkpoint import (
     add_checkpoint_flags,
     stdin_is_terminal,
 )
+from mahals.pipelines.common import ITEM_RESULT_NAME, run_checkpointed
 
 MODELS = ("Llama3_8B", "Mistral_7B", "Qwen2_7B", "Gemma2_9B")
 SETTINGS = {"mode": "sanity", "n_samples": 100, "layers": [0, 1, 2]}
@@ -369,3 +370,86 @@ def test_stdin_is_terminal_is_false_without_a_usable_stdin(monkeypatch: pytest.M
 
     monkeypatch.setattr(sys, "stdin", ClosedStdin())
     assert stdin_is_terminal() is False
+
+
+# ------------------------------------------------- per-item result files, the source of truth
+
+
+def _run_items(out: Path, computed: list[str], *, choice="resume", settings=None, fail_on=None):
+    def compute(item: str) -> dict:
+        if item == fail_on:
+            raise RuntimeError(f"failed on {item}")
+        computed.append(item)
+        return {"value": len(item), "item": item}
+
+    return run_checkpointed(out_dir=out, checkpoint_name="c.json", items=list(MODELS),
+                            settings=settings or SETTINGS, choice=choice, compute=compute,
+                            identity=lambda item: {"source": f"hub/{item}"})  # fmt: skip
+
+
+def _results(run) -> dict:
+    return {item: {k: v for k, v in r.items() if k != "seconds"} for item, r in run.results.items()}
+
+
+def test_each_item_writes_its_result_file_and_the_checkpoint_is_derived_from_them(tmp_path):
+    computed: list[str] = []
+    first = _run_items(tmp_path, computed)
+    for item in MODELS:
+        written = json.loads((tmp_path / item / ITEM_RESULT_NAME).read_text())
+        assert written["item"] == item and written["settings"] == SETTINGS
+        assert written["identity"] == {"source": f"hub/{item}"}
+        assert written["result"] == first.results[item]
+    (tmp_path / "c.json").unlink()  # the checkpoint is derived: losing it loses nothing
+    computed.clear()
+    again = _run_items(tmp_path, computed)
+    assert computed == [] and again.results == first.results
+    assert json.loads((tmp_path / "c.json").read_text())["results"].keys() == set(MODELS)
+
+
+def test_a_run_stopped_by_an_error_keeps_the_finished_items_and_resumes_after_them(tmp_path):
+    computed: list[str] = []
+    with pytest.raises(RuntimeError, match="failed on Qwen2_7B"):
+        _run_items(tmp_path, computed, fail_on="Qwen2_7B")
+    assert computed == ["Llama3_8B", "Mistral_7B"]
+    assert not (tmp_path / "Qwen2_7B" / ITEM_RESULT_NAME).exists()
+    computed.clear()
+    resumed = _run_items(tmp_path, computed)
+    assert computed == ["Qwen2_7B", "Gemma2_9B"]
+    assert _results(resumed) == _results(_run_items(tmp_path / "whole", []))
+
+
+def test_an_unreadable_or_foreign_result_file_is_recomputed(tmp_path, caplog):
+    _run_items(tmp_path, [])
+    (tmp_path / "c.json").unlink()
+    (tmp_path / "Llama3_8B" / ITEM_RESULT_NAME).write_text("{half a fi")
+    other = json.loads((tmp_path / "Qwen2_7B" / ITEM_RESULT_NAME).read_text())
+    other["settings"] = {**SETTINGS, "mode": "full"}
+    (tmp_path / "Qwen2_7B" / ITEM_RESULT_NAME).write_text(json.dumps(other))
+    computed: list[str] = []
+    _run_items(tmp_path, computed)
+    assert computed == ["Llama3_8B", "Qwen2_7B"]
+    assert "is unreadable" in caplog.text and "other settings" in caplog.text
+
+
+def test_a_result_file_of_other_inputs_is_recomputed(tmp_path):
+    _run_items(tmp_path, [])
+    path = tmp_path / "Mistral_7B" / ITEM_RESULT_NAME
+    written = json.loads(path.read_text())
+    written["identity"] = {"source": "hub/another-model"}
+    path.write_text(json.dumps(written))
+    computed: list[str] = []
+    _run_items(tmp_path, computed)
+    assert computed == ["Mistral_7B"]
+
+
+def test_a_checkpoint_of_an_older_mahals_is_kept_and_gets_its_result_files(tmp_path):
+    """Entries recorded before result files existed are not recomputed: their files are
+    written from the checkpoint."""
+    old = open_checkpoint(tmp_path / "c.json")
+    old.record("Llama3_8B", {"value": 9, "item": "Llama3_8B"}, identity={"source": "hub/Llama3_8B"})
+    computed: list[str] = []
+    run = _run_items(tmp_path, computed)
+    assert computed == ["Mistral_7B", "Qwen2_7B", "Gemma2_9B"]
+    assert run.results["Llama3_8B"] == {"value": 9, "item": "Llama3_8B"}
+    written = json.loads((tmp_path / "Llama3_8B" / ITEM_RESULT_NAME).read_text())
+    assert written["result"] == {"value": 9, "item": "Llama3_8B"}

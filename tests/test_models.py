@@ -31,6 +31,13 @@ def test_registry_holds_the_seven_pairs_of_the_study():
             32,
             4096,
         ),
+        "Llama3_70B": ("meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B-Instruct", 80, 8192),
+        "Llama31_Tulu_70B": (
+            "allenai/Llama-3.1-Tulu-3-70B-SFT",
+            "allenai/Llama-3.1-Tulu-3-70B-DPO",
+            80,
+            8192,
+        ),
     }
     assert set(registry.pairs) == set(expected) | {"SmolLM2_format_demo", "SmolLM2_DPO_demo"}
     demo = registry.pair("SmolLM2_format_demo")
@@ -41,6 +48,8 @@ def test_registry_holds_the_seven_pairs_of_the_study():
         assert (pair.tuned.n_layers, pair.tuned.d_model) == (layers, width)
     assert registry.pair("Gemma2_9B").tuned.batch_size == 8
     assert registry.pair("Llama31_Tulu").tuning == "dpo"
+    assert registry.pair("Llama31_Tulu_70B").tuning == "dpo"
+    assert {registry.model(key).gpus for key in ("Llama-3.1-70B", "Llama-3.1-8B")} == {2, 1}
     assert registry.study("seed") == [
         "Llama3_8B",
         "Mistral_7B",

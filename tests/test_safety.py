@@ -23,7 +23,12 @@ from mahals.io import atomic_write_json, load_tensors, save_tensors
 from mahals.pipelines import phase1
 from mahals.pipelines.caching import cache_identity, read_activation_cache, write_activation_cache
 from mahals.pipelines.checkpoint import CheckpointError
-from mahals.pipelines.common import OutputFolderLocked, lock_output_folder, run_checkpointed
+from mahals.pipelines.common import (
+    ITEM_RESULT_NAME,
+    OutputFolderLocked,
+    lock_output_folder,
+    run_checkpointed,
+)
 from mahals.registry import ModelSpec, RegistryError, load_registry
 from mahals.steering import SteeringVector
 
@@ -134,20 +139,20 @@ def test_finished_model_whose_result_file_was_deleted_is_computed_again(study):
     ids=["AQI missing", "AQI not a number", "AQI NaN"],
 )
 def test_checkpointed_result_without_a_valid_aqi_is_computed_again(study, damage, caplog):
+    """The item's result file is the source of truth (the checkpoint is derived from it)."""
     root, data = study
     out = root / "out"
     first = _run(_config(data, out))
-    path = out / phase1.CHECKPOINT_NAME
+    path = out / "tiny-a" / ITEM_RESULT_NAME
     document = json.loads(path.read_text())
-    damage(document["results"]["tiny-a"]["result"])
+    damage(document["result"])
     path.write_text(json.dumps(document))  # allow_nan: the NaN literal a hand edit could leave
     again = _run(_config(data, out, checkpoint="resume"))
     assert again.results == first.results
     assert f"its result recorded in {path} is malformed" in caplog.text
-    assert (
-        json.loads(path.read_text())["results"]["tiny-a"]["result"]["AQI"]
-        == (first.results["tiny-a"]["AQI"])
-    )
+    checkpoint = json.loads((out / phase1.CHECKPOINT_NAME).read_text())
+    assert checkpoint["results"]["tiny-a"]["result"]["AQI"] == first.results["tiny-a"]["AQI"]
+    assert json.loads(path.read_text())["result"]["AQI"] == first.results["tiny-a"]["AQI"]
 
 
 def test_malformed_checkpointed_result_is_recomputed_by_any_run(tmp_path):
@@ -164,10 +169,12 @@ def test_malformed_checkpointed_result_is_recomputed_by_any_run(tmp_path):
     run = dict(out_dir=tmp_path, checkpoint_name="c.json", items=["a", "b"], settings={},
                compute=compute, result_problem=result_fields(("n_layers", "d_model")))  # fmt: skip
     run_checkpointed(choice=None, **run)
-    document = json.loads((tmp_path / "c.json").read_text())
-    document["results"]["a"]["result"] = "garbage"
-    del document["results"]["b"]["result"]["d_model"]
-    (tmp_path / "c.json").write_text(json.dumps(document))
+    for item, damage in (("a", lambda d: d.update(result="garbage")),
+                         ("b", lambda d: d["result"].pop("d_model"))):  # fmt: skip
+        path = tmp_path / item / ITEM_RESULT_NAME
+        document = json.loads(path.read_text())
+        damage(document)
+        path.write_text(json.dumps(document))
     again = run_checkpointed(choice="resume", **run)
     assert computed == ["a", "b", "a", "b"]
     assert {item: result["d_model"] for item, result in again.results.items()} == {"a": 8, "b": 8}

@@ -218,8 +218,8 @@ def test_built_model_takes_dtype_and_device_when_given(tiny_tokenizer):
     assert kept.dtype == torch.float32
     cast = load_model(hf, tokenizer=tiny_tokenizer, dtype=torch.bfloat16, device="cpu")
     assert cast.dtype == torch.bfloat16 and hf.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="built transformers model and device_map"):
-        load_model(hf, tokenizer=tiny_tokenizer, device_map="auto")
+    with pytest.raises(ValueError, match="both device= and device_map="):
+        load_model(hf, tokenizer=tiny_tokenizer, device="cpu", device_map="auto")
 
 
 def test_registry_shape_mismatch_names_both(tmp_path, tiny_tokenizer):

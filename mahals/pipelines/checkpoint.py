@@ -358,6 +358,27 @@ class Checkpoint:
         self._entries[item] = entry
         self._write()
 
+    def adopt(self, item: str, entry: Mapping[str, Any]) -> None:
+        """Take ``item``'s entry (``result``, ``identity``, timestamps) as read from its item
+        result file, without writing; :meth:`save` rewrites the checkpoint file. Allowed when
+        skipping: the derived view of a ``--skip`` run then lists the finished items."""
+        if item not in self.items:
+            raise ValueError(f"{item!r} is not one of this checkpoint's items {list(self.items)}")
+        if "result" not in entry or "completed_at" not in entry:
+            raise ValueError(f"the entry of {item!r} needs 'result' and 'completed_at'")
+        self._entries[item] = _json_roundtrip(dict(entry), f"the entry of {item!r}")
+
+    def entry(self, item: str) -> dict[str, Any]:
+        """``item``'s recorded entry (``result``, ``identity``, timestamps); ``KeyError`` if none."""
+        if item not in self._entries:
+            raise KeyError(f"no checkpointed result for {item!r} in {self.path}")
+        return dict(self._entries[item])
+
+    def save(self) -> None:
+        """Rewrite the checkpoint file atomically from the entries held (nothing when skipping)."""
+        if not self.skipping:
+            self._write()
+
     def _write(self) -> None:
         atomic_write_json(
             self.path,
@@ -368,6 +389,10 @@ class Checkpoint:
                 "updated_at": utc_timestamp(),
                 "settings": self.settings,
                 "items": list(self.items),
-                "results": self._entries,
+                # this run's items in item order (parallel workers finish in any order)
+                "results": {
+                    **{item: self._entries[item] for item in self.completed},
+                    **self._entries,
+                },
             },
         )

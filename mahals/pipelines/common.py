@@ -8,10 +8,12 @@ import contextlib
 import errno
 import fcntl
 import functools
+import json
 import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -19,7 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mahals._time import utc_timestamp
+from mahals.cluster import ClusterError, FanOut
+from mahals.io import atomic_write_json
 from mahals.pipelines.checkpoint import (
+    CHECKPOINT_VERSION,
     Checkpoint,
     CheckpointChoice,
     CheckpointError,
@@ -30,7 +36,9 @@ from mahals.registry import RegistryError
 __all__ = [
     "DEFAULT_MAX_BATCH_TOKENS",
     "LOCK_NAME",
+    "ITEM_RESULT_NAME",
     "CheckpointedRun",
+    "ItemTask",
     "OutputFolderLocked",
     "RunSummary",
     "TRACEBACK_VARIABLE",
@@ -38,7 +46,9 @@ __all__ = [
     "exit_status",
     "holds_output_lock",
     "lock_output_folder",
+    "add_cluster_arguments",
     "add_run_arguments",
+    "compute_item",
     "result_fields",
     "run_options",
     "run_checkpointed",
@@ -63,6 +73,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     RegistryError,
     FloatingPointError,  # non-finite activations: the message says which dtype to use
+    ClusterError,  # Ray missing for --ray-address, or the cluster unreachable
 )
 
 TRACEBACK_VARIABLE = "MAHALS_TRACEBACK"
@@ -184,11 +195,22 @@ def run_checkpointed(
     item_files: Collection[str] = (),
     result_problem: Callable[[Any], str | None] | None = None,
     wait_for_lock: bool = False,
+    fan_out: FanOut | None = None,
 ) -> CheckpointedRun:
     """Run ``compute(item)`` for each pending item, recording each result as soon as it exists.
 
+    Each finished item writes its own result file, ``<out_dir>/<item>/item_result.json``
+    (:func:`compute_item`): the result with the run's ``settings`` and the item's identity.
+    Those files are the source of truth; the checkpoint file is derived from them (rewritten
+    after every finished item). A resumed run takes an item as finished when its result file
+    is valid, was written under the same settings and identity, and its ``item_files`` are
+    there; a checkpoint entry without a result file (written by an older mahals) is kept and
+    its result file written from it, if its identity and files still stand.
+
     The whole call holds the output folder's lock (:func:`lock_output_folder`; ``wait_for_lock``
-    waits for another run to finish instead of refusing).
+    waits for another run to finish instead of refusing). With ``fan_out``
+    (:class:`mahals.cluster.FanOut`), pending items run as parallel tasks (Ray) that write
+    their result files; this process, holding the lock, derives the checkpoint from them.
 
     A fresh start deletes the checkpoint and the per-item folders of earlier runs (their caches
     included), so nothing stale is mixed into the new results. Entries of a per-item folder
@@ -196,12 +218,11 @@ def run_checkpointed(
     (Phase 2.1's ``hidden_states_cache``, keyed by model, texts and pooling).
 
     ``identity(item)`` says what an item's result was computed from (rows' SHA-256, model
-    source, weights fingerprint …); it is recorded with the result, and a completed item whose
-    recorded identity differs from the current one is computed again (the log names what
-    changed), as is one whose ``item_files`` (names inside its folder) are missing or empty, or
-    whose recorded result ``result_problem(result)`` finds malformed (it returns what is wrong,
-    e.g. a missing ``AQI``, or ``None``), so a damaged checkpoint entry never reaches the
-    summary.
+    source, weights fingerprint …); a finished item whose recorded identity differs from the
+    current one is computed again (the log names what changed), as is one whose
+    ``item_files`` (names inside its folder) are missing or empty, or whose recorded result
+    ``result_problem(result)`` finds malformed (it returns what is wrong, e.g. a missing
+    ``AQI``, or ``None``), so a damaged result never reaches the summary.
 
     Temporary files that a killed run left behind mid atomic write (``.<name>.*.tmp``) are
     removed from ``out_dir`` at the start and from an item's folder before it is computed; only
@@ -215,37 +236,170 @@ def run_checkpointed(
             for item in items:
                 _clear_item_folder(out_dir, item, keep=keep_on_fresh)
         identities = {item: dict(identity(item)) for item in items} if identity else {}
-        for item in checkpoint.completed:
-            stale = _stale_reason(
+        for item in items:
+            _derive_entry(
                 checkpoint, item, folders[item], identities.get(item), item_files, result_problem
             )
-            if stale:
-                action = "left out (--skip)" if checkpoint.skipping else "computing it again"
-                log.warning("%s: %s; %s", item, stale, action)
-                checkpoint.forget(item)
-        for item in checkpoint.pending:
-            _remove_interrupted_writes(folders[item], recursive=True)
-            started = time.time()
-            result = dict(compute(item))
-            result.setdefault("seconds", round(time.time() - started, 3))
-            checkpoint.record(item, result, identity=identities.get(item))
+        checkpoint.save()
+        tasks = [
+            ItemTask(
+                item, folders[item], checkpoint_name, checkpoint.settings, identities.get(item)
+            )
+            for item in checkpoint.pending
+        ]
+
+        def finished(item: str, entry: Mapping[str, Any]) -> None:
+            checkpoint.adopt(item, entry)
+            checkpoint.save()
+
+        if fan_out is None or not tasks:
+            for task in tasks:
+                finished(task.item, compute_item(compute, task))
+        else:
+            fan_out.run(compute, tasks, finished)
         return CheckpointedRun(checkpoint.results, checkpoint)
 
 
-def _stale_reason(
+ITEM_RESULT_NAME = "item_result.json"
+"""Each item's result file, inside its folder: the source of truth of a run's progress."""
+ITEM_RESULT_FORMAT = "mahals.item_result"
+
+
+@dataclass(frozen=True)
+class ItemTask:
+    """One item to compute and where its result file goes; sent as is to a parallel worker.
+
+    Attributes:
+        item: the item (model key, pair key or ``pair/side/point``).
+        folder: the item's folder; its result file is ``folder/item_result.json``.
+        run: the run's checkpoint name (which phase wrote the file).
+        settings: the run's settings, as checkpointed.
+        identity: what the item is computed from (``None``: not tracked).
+    """
+
+    item: str
+    folder: Path
+    run: str
+    settings: Mapping[str, Any]
+    identity: Mapping[str, str] | None = None
+
+    @property
+    def result_path(self) -> Path:
+        return self.folder / ITEM_RESULT_NAME
+
+
+def compute_item(compute: Callable[[str], Mapping[str, Any]], task: ItemTask) -> dict[str, Any]:
+    """``compute(task.item)``, then its result file written atomically; returns the entry
+    written (``result``, ``identity``, ``started_at``, ``completed_at``). Runs in the process
+    that computes the item: the run's own, or a parallel worker."""
+    _remove_interrupted_writes(task.folder, recursive=True)
+    started = time.time()
+    started_at = utc_timestamp()
+    result = dict(compute(task.item))
+    result.setdefault("seconds", round(time.time() - started, 3))
+    entry: dict[str, Any] = {"result": result, "started_at": started_at}
+    if task.identity is not None:
+        entry["identity"] = dict(task.identity)
+    entry["completed_at"] = utc_timestamp()
+    _write_item_result(
+        task, {**entry, "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
+    )
+    return entry
+
+
+def _write_item_result(task: ItemTask, entry: Mapping[str, Any]) -> None:
+    atomic_write_json(
+        task.result_path,
+        {
+            "format": ITEM_RESULT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "item": task.item,
+            "run": task.run,
+            "settings": dict(task.settings),
+            **entry,
+        },
+    )
+
+
+def _read_item_result(
+    folder: Path, item: str, run: str, settings: Mapping[str, Any]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """``(entry, None)`` from a valid result file of this run's settings; ``(None, why)``
+    when it is unreadable or was written by another run; ``(None, None)`` when absent."""
+    path = folder / ITEM_RESULT_NAME
+    if not path.is_file():
+        return None, None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"its result file {path} is unreadable ({error})"
+    if not (
+        isinstance(document, dict)
+        and document.get("format") == ITEM_RESULT_FORMAT
+        and document.get("version") == CHECKPOINT_VERSION
+        and isinstance(document.get("result"), dict)
+        and isinstance(document.get("completed_at"), str)
+    ):
+        return None, f"{path} is not a mahals item result file of this version"
+    if document.get("item") != item or document.get("run") != run:
+        return (
+            None,
+            f"{path} belongs to another run ({document.get('run')}, {document.get('item')})",
+        )
+    if document.get("settings") != settings:
+        return None, f"{path} was written with other settings"
+    keys = ("result", "identity", "started_at", "completed_at")
+    return {key: document[key] for key in keys if key in document}, None
+
+
+def _derive_entry(
     checkpoint: Checkpoint,
     item: str,
     folder: Path,
     current: Mapping[str, str] | None,
     item_files: Collection[str],
     result_problem: Callable[[Any], str | None] | None,
+) -> None:
+    """Make ``checkpoint``'s entry of ``item`` what its result file says: adopted when the file
+    is valid and stands (same identity, well-formed result, output files there), forgotten
+    otherwise."""
+    task = ItemTask(item, folder, checkpoint.path.name, checkpoint.settings, current)
+    entry, unusable = _read_item_result(folder, item, task.run, checkpoint.settings)
+    legacy = entry is None and unusable is None and item in checkpoint.completed
+    source = checkpoint.path if legacy else task.result_path
+    if legacy:  # a checkpoint of an older mahals: its entry stands in for the result file
+        entry = checkpoint.entry(item)
+    action = "left out (--skip)" if checkpoint.skipping else "computing it again"
+    if entry is None:
+        if unusable:
+            log.warning("%s: %s; %s", item, unusable, action)
+        checkpoint.forget(item)
+        return
+    stale = _stale_reason(entry, source, folder, current, item_files, result_problem)
+    if stale:
+        log.warning("%s: %s; %s", item, stale, action)
+        checkpoint.forget(item)
+        return
+    if legacy and not checkpoint.skipping:
+        _write_item_result(task, entry)
+    checkpoint.adopt(item, entry)
+
+
+def _stale_reason(
+    entry: Mapping[str, Any],
+    source: Path,
+    folder: Path,
+    current: Mapping[str, str] | None,
+    item_files: Collection[str],
+    result_problem: Callable[[Any], str | None] | None,
 ) -> str | None:
-    """Why a completed item's recorded result cannot stand (``None`` if it can)."""
-    problem = result_problem(checkpoint.result(item)) if result_problem else None
+    """Why a finished item's recorded ``entry`` (read from ``source``) cannot stand (``None``
+    if it can)."""
+    problem = result_problem(entry["result"]) if result_problem else None
     if problem:
-        return f"its result recorded in {checkpoint.path} is malformed ({problem})"
+        return f"its result recorded in {source} is malformed ({problem})"
+    recorded = entry.get("identity", {})
     if current is not None:
-        recorded = checkpoint.identity(item)
         changed = sorted(
             key for key in set(current) | set(recorded) if current.get(key) != recorded.get(key)
         )
@@ -347,7 +501,8 @@ def add_run_arguments(
 ) -> None:
     """The options both phases take, with the same names and meanings: ``--mode``,
     ``--pool``, ``--seed``, ``--batch-size``, ``--max-batch-tokens``, ``--no-cache``,
-    ``--out``, ``--wait``, ``--no-progress`` and ``--resume`` / ``--fresh`` / ``--skip``."""
+    ``--out``, ``--wait``, ``--no-progress``, ``--resume`` / ``--fresh`` / ``--skip`` and
+    ``--workers`` / ``--ray-address`` (:func:`add_cluster_arguments`)."""
     parser.add_argument("--mode", choices=("sanity", "full"), default="sanity", help=mode_help)
     parser.add_argument(
         "--pool", "--token", dest="pool", choices=pools, default=pool,
@@ -375,6 +530,21 @@ def add_run_arguments(
         help="no progress bars (default: shown on a terminal)",
     )  # fmt: skip
     add_checkpoint_flags(parser)
+    add_cluster_arguments(parser)
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers N`` and ``--ray-address auto|ADDR`` (:mod:`mahals.cluster`); parsed as
+    ``args.workers`` / ``args.ray_address``."""
+    parser.add_argument(
+        "--workers", type=_positive_int,
+        help="items computed in parallel as Ray tasks, each reserving the GPUs its model needs "
+        "(default 1: one after another, no Ray; with --ray-address: as many as the cluster holds)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", metavar="auto|ADDR",
+        help="run the items on an existing Ray cluster ('auto' or its address)",
+    )  # fmt: skip
 
 
 def _positive_int(text: str) -> int:
@@ -403,6 +573,8 @@ def run_options(args: argparse.Namespace) -> dict[str, Any]:
         "wait_for_lock": args.wait_for_lock,
         "checkpoint": args.checkpoint_choice,
         "progress": args.progress,
+        "workers": args.workers,
+        "ray_address": args.ray_address,
     }
 
 

@@ -32,6 +32,7 @@ from mahals import plots
 from mahals.activations import SINK_RULES, SinkRule
 from mahals.aqi import DEFAULT_SEED, AQIReport, AQIScore, embedding_features, evaluate_activations
 from mahals.aqi.evaluation import default_sinks
+from mahals.cluster import fan_out
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID, SafetyDataError
 from mahals.io import atomic_write_json, atomic_write_text
@@ -129,6 +130,9 @@ class Phase1Config:
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
         wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
+        workers: models scored in parallel as Ray tasks (:mod:`mahals.cluster`); ``None``/1 =
+            one after another in this process.
+        ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """
 
     models: tuple[str, ...]
@@ -151,6 +155,8 @@ class Phase1Config:
     checkpoint: CheckpointChoice | str | None = None
     progress: bool | None = None
     wait_for_lock: bool = False
+    workers: int | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -498,6 +504,7 @@ def run_phase1(
             keep_on_fresh={_embeddings_path(config, key).name for key in specs},
             identity=lambda key: item_identity(dataset.texts, model=specs[key]),
             item_files=("result.json", "metrics_summary.json", "metrics_summary.csv"),
+            fan_out=fan_out(config.workers, config.ray_address, lambda key: [specs[key]]),
             result_problem=result_fields(RESULT_FIELDS, finite=("AQI",)),
             compute=lambda key: _evaluate_model(
                 config, key, specs[key], _display_name(key, specs[key], registry), dataset, slot

@@ -34,6 +34,7 @@ from typing import Any, Literal
 from mahals import plots
 from mahals._time import utc_timestamp
 from mahals._version import __version__
+from mahals.cluster import fan_out
 from mahals.data.hh_rlhf import HH_RLHF_HUB_ID, PairingRule, PreferenceDataError, PreferenceDataset
 from mahals.io import atomic_write_json
 from mahals.models import load_tokenizer
@@ -126,6 +127,9 @@ class Phase2Config:
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
         wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
+        workers: pairs extracted in parallel as Ray tasks (:mod:`mahals.cluster`); ``None``/1 =
+            one after another in this process.
+        ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """
 
     mode: Mode = "sanity"
@@ -147,6 +151,8 @@ class Phase2Config:
     checkpoint: CheckpointChoice | None = None
     progress: bool | None = None
     wait_for_lock: bool = False
+    workers: int | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -357,6 +363,11 @@ def run_phase2(
                 pairs[key], config, conversations, slot, tokenizer_loader
             ),
             keep_on_fresh=(CACHE_DIR_NAME,),
+            fan_out=fan_out(
+                config.workers,
+                config.ray_address,
+                lambda key: [pairs[key].base, pairs[key].tuned],
+            ),
             result_problem=result_fields(RESULT_FIELDS),
             identity=lambda key: {
                 **data_identity,

@@ -33,11 +33,17 @@ from matplotlib.figure import Figure
 from mahals import plots
 from mahals._time import utc_timestamp
 from mahals._version import __version__
+from mahals.cluster import fan_out
 from mahals.data.safety import SafetyDataError, load_xstest
 from mahals.evaluation import EvaluationLeakError, gap_closure
 from mahals.io import atomic_write_json
 from mahals.pipelines.checkpoint import CheckpointChoice, add_checkpoint_flags
-from mahals.pipelines.common import RunSummary, run_checkpointed, run_command
+from mahals.pipelines.common import (
+    RunSummary,
+    add_cluster_arguments,
+    run_checkpointed,
+    run_command,
+)
 from mahals.pipelines.console import WIDE_RULE, banner, device_line, table
 from mahals.pipelines.phase2 import default_tokenizer_loader
 from mahals.pipelines.phase22_pair import (
@@ -96,6 +102,9 @@ class Phase22Config:
         reference_aqi: also the reference (t-SNE) AQI at the last layer.
         seed: random control, generation prompt choice, bootstraps, AQI folds.
         batch_size: texts per forward pass / generation batch.
+        workers: λ blocks (one pair and side each) run in parallel as Ray tasks
+            (:mod:`mahals.cluster`); ``None``/1 = one after another in this process.
+        ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """
 
     pairs: tuple[str, ...]
@@ -123,6 +132,8 @@ class Phase22Config:
     batch_size: int = 16
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
+    workers: int | None = None
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
@@ -204,6 +215,12 @@ def run_phase22(
             choice=config.checkpoint,
             compute=compute,
             keep_on_fresh=(),
+            fan_out=fan_out(
+                config.workers,
+                config.ray_address,
+                lambda item: [points[item][0].pair.base, points[item][0].pair.tuned],
+                group=lambda item: item.rsplit("/", 1)[0],  # one task per pair and side
+            ),
         )
     results = {item: dict(result) for item, result in outcome.results.items()}
     pending = tuple(item for item in points if item not in results)
@@ -399,6 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     add_checkpoint_flags(parser)
+    add_cluster_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Phase22Config:
@@ -409,7 +427,7 @@ def config_from_args(args: argparse.Namespace) -> Phase22Config:
         max_new_tokens=args.max_new_tokens, lambdas=tuple(args.lambdas), layers=args.layers,
         scan_layers=args.scan_layers, controls=args.controls, reference_aqi=args.reference_aqi,
         seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
-        checkpoint=args.checkpoint_choice,
+        checkpoint=args.checkpoint_choice, workers=args.workers, ray_address=args.ray_address,
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from mahals.cluster import placement
 from mahals.models import MahalsModel, load_model
 from mahals.registry import ModelSpec, Registry
 
@@ -23,12 +24,14 @@ ModelLoader = Callable[[ModelSpec], MahalsModel]
 
 
 def default_loader(spec: ModelSpec) -> MahalsModel:
-    """Load a registry model by key (hub, local or PyPI GGUF) from the default registry."""
-    return load_model(spec.key)
+    """Load a registry model by key (hub, local or PyPI GGUF) from the default registry; a model
+    that needs several GPUs (registry ``gpus``) is split across the visible ones, after the
+    planner's check that they hold it (:func:`mahals.cluster.placement`)."""
+    return load_model(spec.key, **placement(spec))
 
 
 def _load_from(registry: Registry, spec: ModelSpec) -> MahalsModel:
-    return load_model(spec.key, registry=registry)
+    return load_model(spec.key, registry=registry, **placement(spec))
 
 
 def registry_loader(registry: Registry) -> ModelLoader:

@@ -1,0 +1,274 @@
+"""Scale-out: the study's items as parallel Ray tasks, and how many GPUs each model needs.
+
+With ``--workers N`` (or ``--ray-address auto|ADDR``) a phase runs its pending items (Phase 1
+models, Phase 2.1 pairs, Phase 2.2 λ blocks) as Ray tasks, on one machine with several GPUs or
+on an existing Ray cluster. Each task reserves ``num_gpus`` = the GPUs its largest model needs
+(the registry's ``gpus``; 0 on a cluster without GPUs), computes its items and writes each
+item's result file itself (:func:`mahals.pipelines.common.compute_item`); the driver, which
+holds the output folder's lock, derives the checkpoint from those files as tasks finish. Ray
+schedules; mahals only caps how many tasks are in flight (``--workers``).
+
+Ray is an optional extra (``pip install 'mahals[cluster]'``). Without it, or with
+``--workers 1`` and no address, :func:`fan_out` returns ``None`` and the phase runs its
+sequential loop unchanged. On a multi-node cluster the output folder must be on a file system
+every node sees, and mahals must be installed on every node.
+
+:func:`check_fits` is the planner's rule: a model needs its registry GPU count, and its
+weights (parameters × dtype bytes) must fit in 90% of those GPUs' memory.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mahals.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from mahals.pipelines.common import ItemTask
+
+__all__ = [
+    "ClusterError",
+    "FanOut",
+    "PlanError",
+    "USABLE_MEMORY_FRACTION",
+    "check_fits",
+    "fan_out",
+    "local_gpu_memory",
+    "parameter_count",
+    "ray_available",
+    "task_gpus",
+    "weight_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+USABLE_MEMORY_FRACTION = 0.9
+"""Share of a GPU's memory the weights may take; the rest holds activations and CUDA context."""
+
+ItemModels = Callable[[str], Sequence[ModelSpec]]
+"""An item → the models its task loads (one at a time)."""
+
+
+class PlanError(ValueError):
+    """A task cannot fit the GPUs it was given (the message names the numbers)."""
+
+
+class ClusterError(RuntimeError):
+    """Ray is needed but missing, or the cluster cannot be reached."""
+
+
+def ray_available() -> bool:
+    """Whether the optional ``ray`` package is installed."""
+    return importlib.util.find_spec("ray") is not None
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Parameters of ``spec``: the registry's ``billion_params`` when given, else an estimate
+    from the shape, ``12 · n_layers · d_model²`` (attention 4d², MLP 8d²; no embeddings)."""
+    if spec.billion_params is not None:
+        return round(spec.billion_params * 1e9)
+    return 12 * spec.n_layers * spec.d_model**2
+
+
+def weight_bytes(spec: ModelSpec, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of ``spec``'s weights in ``dtype``: :func:`parameter_count` × the dtype's size."""
+    return parameter_count(spec) * torch.empty((), dtype=dtype).element_size()
+
+
+def check_fits(
+    spec: ModelSpec,
+    gpus_given: int,
+    gpu_memory: int | None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Refuse (:class:`PlanError`) a task for ``spec`` that cannot fit ``gpus_given`` GPUs of
+    ``gpu_memory`` bytes each (``None``: not known, only the GPU count is checked).
+
+    The task needs the registry's ``gpus`` GPUs, and the weights (:func:`weight_bytes`) must
+    fit in :data:`USABLE_MEMORY_FRACTION` of their memory together.
+    """
+    if spec.gpus > gpus_given:
+        raise PlanError(
+            f"model {spec.key!r} needs {spec.gpus} GPUs (registry 'gpus'), but its task was "
+            f"given {gpus_given}: run it on a machine or Ray node with at least {spec.gpus} GPUs"
+        )
+    if gpu_memory is None or gpus_given == 0:
+        return
+    needed = weight_bytes(spec, dtype)
+    usable = USABLE_MEMORY_FRACTION * gpus_given * gpu_memory
+    if needed > usable:
+        size = torch.empty((), dtype=dtype).element_size()
+        raise PlanError(
+            f"model {spec.key!r} does not fit: {parameter_count(spec) / 1e9:.1f} B parameters × "
+            f"{size} bytes ({str(dtype).removeprefix('torch.')}) = {needed / 2**30:.1f} GiB of "
+            f"weights, but {gpus_given} GPU(s) × {gpu_memory / 2**30:.1f} GiB give "
+            f"{usable / 2**30:.1f} GiB usable ({USABLE_MEMORY_FRACTION:.0%}); raise the model's "
+            f"'gpus' in the registry"
+        )
+
+
+def local_gpu_memory() -> int | None:
+    """Memory in bytes of this process's first visible GPU (``None`` without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def placement(spec: ModelSpec) -> dict[str, Any]:
+    """``load_model`` keywords for ``spec`` in this process: ``device_map="auto"`` for a
+    model that needs several GPUs, after :func:`check_fits` on the visible GPUs."""
+    if not torch.cuda.is_available():
+        return {}
+    check_fits(spec, torch.cuda.device_count(), local_gpu_memory())
+    return {"device_map": "auto"} if spec.gpus > 1 else {}
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Runs a phase's pending items as Ray tasks (see the module docstring).
+
+    Attributes:
+        workers: tasks in flight at once; ``None`` = as many as the cluster's resources hold.
+        address: Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``);
+            ``None`` = start a local Ray on this machine (unless one is running in this process).
+        models: an item → the models its task loads (for its GPU count and the fit check).
+        group: an item → its task: items of one group run in one task, in order (a λ block
+            on one model); ``None`` = one task per item.
+    """
+
+    workers: int | None
+    address: str | None
+    models: ItemModels
+    group: Callable[[str], str] | None = None
+
+    def run(
+        self,
+        compute: Callable[[str], Mapping[str, Any]],
+        tasks: Sequence[ItemTask],
+        finished: Callable[[str, Mapping[str, Any]], None],
+    ) -> None:
+        """Run ``tasks`` as Ray tasks; ``finished(item, entry)`` for each item, as its task ends.
+
+        A task's failure stops the run with that task's exception (items that other tasks
+        finished keep their result files).
+        """
+        ray = _import_ray()
+        started_here = not ray.is_initialized()
+        if started_here:
+            try:
+                # "local": a Ray of this run's own, even if another one runs on this machine
+                ray.init(address=self.address or "local", include_dashboard=False)
+            except ConnectionError as error:
+                raise ClusterError(
+                    f"cannot reach the Ray cluster at {self.address!r}: {error}"
+                ) from error
+        try:
+            self._run(ray, compute, tasks, finished)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray, compute, tasks, finished) -> None:
+        node_gpus = max(
+            (int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]),
+            default=0,
+        )
+        gpu_memory = local_gpu_memory()
+        groups: dict[str, list[ItemTask]] = {}
+        for task in tasks:
+            groups.setdefault(self.group(task.item) if self.group else task.item, []).append(task)
+        requests = {
+            name: task_gpus(
+                [spec for task in group for spec in self.models(task.item)], node_gpus, gpu_memory
+            )
+            for name, group in groups.items()
+        }
+        log.info(
+            "Ray: %d task(s) for %d item(s), at most %s at once; largest node: %d GPU(s)",
+            len(groups), len(tasks), self.workers or "all", node_gpus,
+        )  # fmt: skip
+        remote = ray.remote(max_retries=0)(_run_group)
+        shared_compute = ray.put(compute)
+        queue = list(groups)
+        in_flight: dict[Any, str] = {}
+        limit = self.workers or len(queue)
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                name = queue.pop(0)
+                options = {"num_gpus": requests[name], "num_cpus": 1, "name": f"mahals:{name}"}
+                ref = remote.options(**options).remote(shared_compute, groups[name])
+                in_flight[ref] = name
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in done:
+                group = groups[in_flight.pop(ref)]
+                for task, entry in zip(group, ray.get(ref), strict=True):
+                    finished(task.item, entry)
+
+
+def task_gpus(specs: Sequence[ModelSpec], node_gpus: int, gpu_memory: int | None) -> int:
+    """GPUs to reserve for a task that loads ``specs`` (one at a time) on a cluster whose
+    largest node has ``node_gpus``: what its largest model needs, 0 on a cluster without GPUs.
+
+    Raises:
+        PlanError: a model needs more GPUs than any node has, or its weights do not fit the
+            memory of the GPUs it needs (``gpu_memory`` bytes each; ``None``: not checked).
+    """
+    if node_gpus == 0:
+        return 0
+    for spec in specs:
+        check_fits(spec, node_gpus, None)  # some node has the GPUs it needs
+        check_fits(spec, spec.gpus, gpu_memory)  # and they hold its weights
+    return max((spec.gpus for spec in specs), default=1)
+
+
+def _run_group(compute: Callable[[str], Mapping[str, Any]], tasks: Sequence[ItemTask]) -> list:
+    """In a Ray worker: compute each item of one task in order, each writing its result file."""
+    from mahals.pipelines.common import compute_item
+
+    logger = logging.getLogger("mahals")
+    if not logger.handlers:  # the worker's log reaches the driver's console through Ray
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return [compute_item(compute, task) for task in tasks]
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as error:
+        raise ClusterError("--ray-address needs Ray: pip install 'mahals[cluster]'") from error
+    return ray
+
+
+def fan_out(
+    workers: int | None,
+    address: str | None,
+    models: ItemModels,
+    group: Callable[[str], str] | None = None,
+) -> FanOut | None:
+    """The :class:`FanOut` that ``--workers`` / ``--ray-address`` ask for, or ``None`` for the
+    sequential loop: ``--workers 1`` without an address, or several workers without Ray
+    installed (logged). An address without Ray raises :class:`ClusterError`."""
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if address is None and (workers is None or workers == 1):
+        return None
+    if not ray_available():
+        if address is not None:
+            _import_ray()
+        log.warning(
+            "--workers %d: Ray is not installed (pip install 'mahals[cluster]'); running the "
+            "items one after another",
+            workers,
+        )
+        return None
+    return FanOut(workers, address, models, group)
