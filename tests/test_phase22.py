@@ -162,3 +162,35 @@ def test_additive_steer_leaves_aqi_unchanged_at_the_steered_layer(tiny_tokenizer
     downstream = evaluate_activations(steered, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
     unsteered = evaluate_activations(plain, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
     assert abs(downstream.overall.aqi - unsteered.overall.aqi) > 1e-3
+
+
+def _assert_close(one, two, path=""):
+    """Equal structure and strings; numbers equal to float32 rounding (the two runs batch
+    different rows together, which changes the order of float sums)."""
+    if isinstance(one, dict):
+        assert one.keys() == two.keys(), path
+        for key in one.keys() - {"seconds"}:  # the checkpoint's wall time of the item
+            _assert_close(one[key], two[key], f"{path}/{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(two), path
+        for i, (a, b) in enumerate(zip(one, two, strict=True)):
+            _assert_close(a, b, f"{path}[{i}]")
+    elif isinstance(one, float):
+        assert one == pytest.approx(two, rel=1e-4, abs=1e-4), path
+    else:
+        assert one == two, path
+
+
+def test_lambda_blocks_in_one_forward_equal_one_lambda_at_a_time(setup, tiny_tokenizer):
+    root, registry, data = setup
+    lambdas = (-1.0, 0.0, 0.5, 1.0)
+    blocked = _run(_config(root, data, "blocked", lambdas=lambdas), registry, tiny_tokenizer)
+    single = _run(_config(root, data, "single", lambdas=lambdas, lambdas_per_forward=1),
+                  registry, tiny_tokenizer)  # fmt: skip
+    assert set(blocked.results) == set(single.results)
+    assert len(blocked.results) == 2 * len(lambdas) + 3
+    for item in blocked.results:
+        _assert_close(blocked.results[item], single.results[item], item)
+        assert (blocked.out_dir / item / "generations.jsonl").read_text() == (
+            single.out_dir / item / "generations.jsonl"
+        ).read_text(), item

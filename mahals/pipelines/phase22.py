@@ -9,9 +9,15 @@ direction with the same per-layer norms, the rejected-answer vector and the SVD-
 accuracy, gap closure G(λ), KL(tuned ‖ steered), perplexity on neutral text, refusal and
 over-refusal of greedy generations on XSTest, refusal log-odds, principled (mahalanobis) AQI
 per layer, reference AQI at the last layer and ``‖h_steered − h_tuned‖ / ‖h_base − h_tuned‖``
-at the last layer (mean over XSTest prompts of the norms; the denominator is the base λ = 0
-point). Rows that extracted the vector never evaluate it: their SHA-256 hashes are stored
-with the vector and the evaluation rows are checked against them.
+at the last layer, at the last token of prompt + chosen answer of the held-out rows (the
+position and data the vector was extracted from; mean over rows of the norms; the denominator
+is the base λ = 0 point). Rows that extracted the vector never evaluate it: their SHA-256
+hashes are stored with the vector and the evaluation rows are checked against them.
+
+Speed: the points of one side with the same steered layers form a group, scored together
+(:func:`mahals.pipelines.phase22_pair.score_group`): each point is a row block of a per-block
+steer, so one forward (and one generation batch) carries several λ; the tuned reference is
+computed once per pair and the AQI of layers below the first steered one once per side.
 
 Outputs under ``out_dir`` (default ``outputs/phase22_same_arch_validation``): per point
 ``<pair>/<side>/<point>/result.json`` and ``generations.jsonl``; per pair ``aqi_vs_lambda.json``,
@@ -45,10 +51,11 @@ from mahals.pipelines.phase22_pair import (
     SweepPoint,
     aqi_layers_of_interest,
     load_pair_data,
-    score_item,
+    score_group,
     steered_layers,
     sweep_points,
     tuned_reference,
+    unsteered_aqi,
 )
 from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, registry_loader
 from mahals.registry import Registry, load_registry
@@ -95,7 +102,11 @@ class Phase22Config:
         n_bootstrap: resamples of the margin and KL intervals; ``aqi_bootstrap`` of AQI.
         reference_aqi: also the reference (t-SNE) AQI at the last layer.
         seed: random control, generation prompt choice, bootstraps, AQI folds.
-        batch_size: texts per forward pass / generation batch.
+        batch_size: texts per forward pass / generation batch (each run once per λ block).
+        lambdas_per_forward: sweep points carried by one forward as row blocks (``None``: every
+            point of a group; 1: one λ at a time). Results agree to float rounding.
+        max_batch_tokens: padded tokens per forward over all blocks (bounds memory).
+        max_generate_tokens: prompt + generated tokens per generation batch over all blocks.
     """
 
     pairs: tuple[str, ...]
@@ -121,6 +132,9 @@ class Phase22Config:
     reference_aqi: bool = True
     seed: int = 0
     batch_size: int = 16
+    lambdas_per_forward: int | None = None
+    max_batch_tokens: int = 16384
+    max_generate_tokens: int = 65536
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
 
@@ -135,9 +149,12 @@ class Phase22Config:
             raise ValueError(f"lambdas must include 0 (the unsteered reference), got {self.lambdas}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"layers must be a list of ints, 'all' or None, got {self.layers!r}")
-        for name in ("n_eval", "n_generate", "max_new_tokens", "top_k", "batch_size"):
+        for name in ("n_eval", "n_generate", "max_new_tokens", "top_k", "batch_size", "max_batch_tokens",
+                     "max_generate_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lambdas_per_forward is not None and self.lambdas_per_forward < 1:
+            raise ValueError(f"lambdas_per_forward must be >= 1 or None, got {self.lambdas_per_forward}")
 
     def settings(self) -> dict[str, Any]:
         """What makes results comparable (checkpointed; a resume must match it)."""
@@ -175,15 +192,23 @@ def run_phase22(
     aqi = load_xstest(config.xstest, per_cell=config.aqi_per_cell, seed=config.seed)
     data = {key: load_pair_data(pair, config, aqi, tokenizer_loader) for key, pair in pairs.items()}
     points: dict[str, tuple[PairData, SweepPoint]] = {}
+    groups: dict[tuple[str, str, tuple[int, ...]], list[SweepPoint]] = {}
     for key, pair_data in data.items():
         chosen = pair_data.vectors["chosen"]
         for point in sweep_points(config, steered_layers(config, chosen), chosen.layers):
             points[f"{key}/{point.name}"] = (pair_data, point)
+            groups.setdefault((key, point.side, point.layers), []).append(point)
     references: dict[str, Any] = {}
+    prefixes: dict[tuple[str, str, int], list[float]] = {}
+    scored: dict[str, dict[str, Any]] = {}
 
     with ModelSlot(loader) as slot:
 
         def compute(item: str) -> Mapping[str, Any]:
+            # A group is computed whole (also its points already checkpointed, so a resumed
+            # run puts the same λ blocks in each forward) and its results kept for its items.
+            if item in scored:
+                return scored.pop(item)
             pair_data, point = points[item]
             pair = pair_data.pair
             key = pair.key
@@ -193,8 +218,14 @@ def run_phase22(
                 )
             spec = pair.base if point.side == "base" else pair.tuned
             model = slot.get(spec, announce=f"{point.side.upper()} model")
-            log.info("  %s", item)
-            return score_item(point, pair_data, config, model, *references[key], config.out_dir / item)
+            below = min(point.layers)
+            if (key, point.side, below) not in prefixes:
+                prefixes[key, point.side, below] = unsteered_aqi(pair_data, config, model, point.side, below)
+            group = groups[key, point.side, point.layers]
+            log.info("  %s/%s: %s", key, point.side, ", ".join(p.name.split("/")[-1] for p in group))
+            results = score_group(group, pair_data, config, model, references[key], prefixes[key, point.side, below])
+            scored.update({f"{key}/{name}": result for name, result in results.items()})
+            return scored.pop(item)
 
         outcome = run_checkpointed(
             out_dir=config.out_dir,
@@ -254,7 +285,8 @@ def _pair_summary(rows: Mapping[str, dict[str, Any]], steered: Sequence[int], da
             "refusal_log_odds_unsafe": r["refusal_log_odds_unsafe"],
             "refusal_log_odds_safe": r["refusal_log_odds_safe"],
             "distance_ratio_last_layer": r["distance_to_tuned_last_layer"]
-            / base0["distance_to_tuned_last_layer"] if complete else None,
+            / base0["distance_to_tuned_last_layer"]
+            if complete and base0["distance_to_tuned_last_layer"] > 0 else None,
             "aqi_mahalanobis": {label: aqi_curve[layer] for label, layer in interest.items()},
             "aqi_mahalanobis_per_layer": aqi_curve,
             "aqi_reference_last_layer": r["aqi"].get("reference_last_layer"),
@@ -397,6 +429,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference-aqi", dest="reference_aqi", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lambdas-per-forward", type=int, help="λ blocks per forward (default: all of a group)")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     add_checkpoint_flags(parser)
 
@@ -408,7 +442,8 @@ def config_from_args(args: argparse.Namespace) -> Phase22Config:
         xstest=args.xstest, aqi_per_cell=args.aqi_per_cell, n_generate=args.n_generate,
         max_new_tokens=args.max_new_tokens, lambdas=tuple(args.lambdas), layers=args.layers,
         scan_layers=args.scan_layers, controls=args.controls, reference_aqi=args.reference_aqi,
-        seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
+        seed=args.seed, batch_size=args.batch_size, lambdas_per_forward=args.lambdas_per_forward,
+        max_batch_tokens=args.max_batch_tokens, out_dir=args.out,
         checkpoint=args.checkpoint_choice,
     )  # fmt: skip
 
