@@ -148,7 +148,9 @@ class ScoredText:
         return len(self.ids) - self.answer_start
 
 
-def scored_texts(model: MahalsModel, prompts: Sequence[str], answers: Sequence[str]) -> list[ScoredText]:
+def scored_texts(
+    model: MahalsModel, prompts: Sequence[str], answers: Sequence[str]
+) -> list[ScoredText]:
     """Prompt tokenised with special tokens, answer without, ids concatenated (≥ 1 answer token)."""
     tokenizer = model.tokenizer
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -272,11 +274,15 @@ def score_answers(
         logp = logits[row, position].float().log_softmax(-1)
         target = batch.input_ids[row, position + 1]
         token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
-        log_prob = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(0, row, token_logp)
+        log_prob = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(
+            0, row, token_logp
+        )
         if reference is None:
             return log_prob.unsqueeze(-1)
         # The chunk's reference positions, in row order: every block reads the same ones.
-        span = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in chunk.texts]).repeat(chunk.blocks)
+        span = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in chunk.texts]).repeat(
+            chunk.blocks
+        )
         ref_logp = reference.log_probs[span].to(logits.device, torch.float64)
         own = logp.gather(-1, reference.token_ids[span].to(logits.device)).double()
         # The "every other token" bucket; below 1e-6 it is float32 rounding of a full cover.
@@ -284,7 +290,9 @@ def score_answers(
         own_rest = (1 - own.exp().sum(-1)).clamp_min(1e-12)
         kl = (ref_logp.exp() * (ref_logp - own)).sum(-1)
         kl = kl + torch.where(ref_rest > 1e-6, ref_rest * (ref_rest.log() - own_rest.log()), 0.0)
-        kl_sum = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(0, row, kl)
+        kl_sum = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(
+            0, row, kl
+        )
         return torch.stack([log_prob, kl_sum], dim=-1)
 
     def last_token(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
@@ -295,7 +303,11 @@ def score_answers(
         read_layers=() if state_layer is None else (state_layer,), layer_reader=last_token,
     )  # fmt: skip
     scores = _per_text([(chunk, out) for chunk, _, out in runs], n, blocks)
-    states = None if state_layer is None else _per_text([(chunk, reads[0]) for chunk, reads, _ in runs], n, blocks)
+    states = (
+        None
+        if state_layer is None
+        else _per_text([(chunk, reads[0]) for chunk, reads, _ in runs], n, blocks)
+    )
     kl = None if reference is None else scores[..., 1] / counts.double()
     return AnswerScores(scores[..., 0], kl, states)
 
@@ -319,9 +331,13 @@ def capture_blocks(
         model, scored, batch_size, None, interventions, blocks=blocks, max_batch_tokens=max_batch_tokens,
         read_layers=layers, layer_reader=pooling_reader(pool),
     )  # fmt: skip
-    states = _per_text([(chunk, torch.stack(reads, dim=1)) for chunk, reads, _ in runs], len(prompts), blocks)
+    states = _per_text(
+        [(chunk, torch.stack(reads, dim=1)) for chunk, reads, _ in runs], len(prompts), blocks
+    )
     if not torch.isfinite(states).all():
-        raise FloatingPointError(f"model {model.name!r} produced NaN or infinite states at layers {list(layers)}")
+        raise FloatingPointError(
+            f"model {model.name!r} produced NaN or infinite states at layers {list(layers)}"
+        )
     return states
 
 
@@ -336,7 +352,9 @@ def answer_log_probs(
 
     Log-softmax runs in float32 on the device over the answer positions only.
     """
-    return score_answers(model, texts, batch_size=batch_size, interventions=interventions).log_prob[0]
+    return score_answers(model, texts, batch_size=batch_size, interventions=interventions).log_prob[
+        0
+    ]
 
 
 @dataclass(frozen=True)
@@ -414,11 +432,15 @@ def reference_top_k(
     pieces: list[Tensor | None] = [None] * len(texts)
     for chunk, _, packed in _batched(model, texts, batch_size, read, interventions):
         # Positions come row by row: split them back into texts.
-        for index, piece in zip(chunk.texts, packed.split([counts[i] for i in chunk.texts]), strict=True):
+        for index, piece in zip(
+            chunk.texts, packed.split([counts[i] for i in chunk.texts]), strict=True
+        ):
             pieces[index] = piece
     packed = torch.cat(pieces)  # type: ignore[arg-type]
     width = packed.shape[1] // 2
-    return TopKReference(packed[:, :width], packed[:, width:].long(), torch.tensor(counts, dtype=torch.long))
+    return TopKReference(
+        packed[:, :width], packed[:, width:].long(), torch.tensor(counts, dtype=torch.long)
+    )
 
 
 def kl_to_reference(
@@ -431,7 +453,9 @@ def kl_to_reference(
 ) -> Float[Tensor, " n"]:
     """Mean over each text's answer positions of ``KL(reference ‖ model)`` (float64 nats), on
     the partition {reference's top-k tokens, the rest} (see the module docstring)."""
-    scores = score_answers(model, texts, reference=reference, batch_size=batch_size, interventions=interventions)
+    scores = score_answers(
+        model, texts, reference=reference, batch_size=batch_size, interventions=interventions
+    )
     return scores.kl[0]  # type: ignore[index]
 
 
@@ -500,7 +524,15 @@ def score_refusal(
         in_r = logp[:, refusal].logsumexp(-1)
         return in_r - torch.log1p(-in_r.exp().clamp(max=1 - 1e-12))
 
-    runs = _batched(model, scored, batch_size, read, interventions, blocks=blocks, max_batch_tokens=max_batch_tokens)
+    runs = _batched(
+        model,
+        scored,
+        batch_size,
+        read,
+        interventions,
+        blocks=blocks,
+        max_batch_tokens=max_batch_tokens,
+    )
     return _per_text([(chunk, out) for chunk, _, out in runs], len(prompts), blocks)
 
 
@@ -553,7 +585,8 @@ def generate_blocks(
             texts[block][rows[index]] = text
             token_ids[block][rows[index]] = ids
     return [
-        JudgedGenerations(t, ids, [is_refusal(x) for x in t]) for t, ids in zip(texts, token_ids, strict=True)
+        JudgedGenerations(t, ids, [is_refusal(x) for x in t])
+        for t, ids in zip(texts, token_ids, strict=True)
     ]
 
 
@@ -567,7 +600,11 @@ def generate_and_judge(
 ) -> JudgedGenerations:
     """Greedy generations of ``prompts`` (token ids) in batches, judged by :func:`is_refusal`."""
     return generate_blocks(
-        model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, interventions=interventions
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        interventions=interventions,
     )[0]
 
 
@@ -598,7 +635,11 @@ class Interval:
 
 
 def bootstrap_mean(
-    values: Sequence[float] | Tensor, *, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95
+    values: Sequence[float] | Tensor,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> Interval:
     """Mean of ``values`` with a percentile bootstrap interval (rows resampled with
     replacement, numpy ``default_rng(seed)``)."""

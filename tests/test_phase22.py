@@ -87,8 +87,15 @@ def test_sweep_reruns_are_bit_identical_and_anchor_points_are_exact(setup, tiny_
             second.out_dir / item / "generations.jsonl"
         ).read_text()
     points = _stable(first.summary_path)["pairs"][PAIR]["points"]
-    assert set(points) == {"tuned/lambda_0", "tuned/lambda_1", "base/lambda_0", "base/lambda_1",
-                           "base/control_random", "base/control_rejected", "base/control_svd"}
+    assert set(points) == {
+        "tuned/lambda_0",
+        "tuned/lambda_1",
+        "base/lambda_0",
+        "base/lambda_1",
+        "base/control_random",
+        "base/control_rejected",
+        "base/control_svd",
+    }
     assert points["base/lambda_0"]["gap_closure"] == 0.0
     assert points["tuned/lambda_0"]["gap_closure"] == 1.0
     assert points["tuned/lambda_0"]["kl_tuned_steered"]["mean"] == pytest.approx(0.0, abs=1e-6)
@@ -151,7 +158,9 @@ def test_additive_steer_leaves_aqi_unchanged_at_the_steered_layer(tiny_tokenizer
     with steer(model, Steering(vector, alpha=2.0)):
         steered = capture(model, texts, pool="mean").tensor
     shift = 2.0 * vector.vectors[0].double()
-    torch.testing.assert_close(steered[:, 1].double(), plain[:, 1].double() + shift, rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        steered[:, 1].double(), plain[:, 1].double() + shift, rtol=0, atol=1e-4
+    )
     # The steered layer in float64: AQI of h + αv equals AQI of h.
     plain64 = plain.double()
     for mode in ("mahalanobis", "geometry"):
@@ -159,7 +168,9 @@ def test_additive_steer_leaves_aqi_unchanged_at_the_steered_layer(tiny_tokenizer
         after = evaluate_activations(plain64 + shift * torch.tensor([0.0, 1.0, 0.0]).double()[:, None],
                                      axioms, labels, mode=mode, layer=1, n_bootstrap=0)  # fmt: skip
         assert after.overall.aqi == pytest.approx(before.overall.aqi, abs=1e-8), mode
-    downstream = evaluate_activations(steered, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
+    downstream = evaluate_activations(
+        steered, axioms, labels, mode="geometry", layer=2, n_bootstrap=0
+    )
     unsteered = evaluate_activations(plain, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
     assert abs(downstream.overall.aqi - unsteered.overall.aqi) > 1e-3
 

@@ -54,8 +54,16 @@ from mahals.steering import Steering, SteeringVector, steer
 if TYPE_CHECKING:
     from mahals.pipelines.phase22 import Phase22Config
 
-__all__ = ["PairData", "SweepPoint", "TunedReference", "load_pair_data", "score_group", "sweep_points",
-           "tuned_reference", "unsteered_aqi"]
+__all__ = [
+    "PairData",
+    "SweepPoint",
+    "TunedReference",
+    "load_pair_data",
+    "score_group",
+    "sweep_points",
+    "tuned_reference",
+    "unsteered_aqi",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +85,9 @@ class SweepPoint:
                 "layers": list(self.layers)}  # fmt: skip
 
 
-def sweep_points(config: Phase22Config, steered: Sequence[int], all_layers: Sequence[int]) -> list[SweepPoint]:
+def sweep_points(
+    config: Phase22Config, steered: Sequence[int], all_layers: Sequence[int]
+) -> list[SweepPoint]:
     """The pair's items in run order: tuned side first (its model is loaded for the reference),
     then base, controls (base, λ = 1) and the per-layer scan (base, λ = 1)."""
     points = [
@@ -86,9 +96,14 @@ def sweep_points(config: Phase22Config, steered: Sequence[int], all_layers: Sequ
         for lam in config.lambdas
     ]
     if config.controls:
-        points += [SweepPoint(f"base/control_{c}", "base", 1.0, c, tuple(steered)) for c in CONTROLS]
+        points += [
+            SweepPoint(f"base/control_{c}", "base", 1.0, c, tuple(steered)) for c in CONTROLS
+        ]
     if config.scan_layers:
-        points += [SweepPoint(f"base/scan_layer_{layer}", "base", 1.0, "chosen", (layer,)) for layer in all_layers]
+        points += [
+            SweepPoint(f"base/scan_layer_{layer}", "base", 1.0, "chosen", (layer,))
+            for layer in all_layers
+        ]
     return points
 
 
@@ -115,7 +130,9 @@ def _random_like(vector: SteeringVector, seed: int) -> SteeringVector:
     """A random direction per layer with the vector's per-layer norms (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     rows = torch.randn(vector.vectors.shape, generator=generator, dtype=torch.float64)
-    rows = rows / rows.norm(dim=-1, keepdim=True) * vector.vectors.double().norm(dim=-1, keepdim=True)
+    rows = (
+        rows / rows.norm(dim=-1, keepdim=True) * vector.vectors.double().norm(dim=-1, keepdim=True)
+    )
     return SteeringVector(rows.to(vector.vectors.dtype), vector.layers, kind="random_control")
 
 
@@ -157,7 +174,9 @@ def load_pair_data(
             "(made before they were stored): rerun mahals phase2 for this pair"
         )
     rule = vectors["chosen"].extra.get("pairing") or pair.pairing or "shared-template"
-    dataset = load_hh_rlhf(config.dataset, data_dir=config.data_dir, split=config.split, verbose=False)
+    dataset = load_hh_rlhf(
+        config.dataset, data_dir=config.data_dir, split=config.split, verbose=False
+    )
     used = set(extraction)
     candidates = [row for row in dataset if config.max_chars is None
                   or len(format_conversation(row, "chosen", style="plain")) <= config.max_chars]  # fmt: skip
@@ -170,11 +189,16 @@ def load_pair_data(
         used |= splits.all_except("evaluation")
     eval_rows = tuple(candidates[: config.n_eval])
     if len(eval_rows) < 2:
-        raise FileNotFoundError(f"pair {pair.key}: {len(eval_rows)} held-out hh-rlhf rows in {dataset.source}")
+        raise FileNotFoundError(
+            f"pair {pair.key}: {len(eval_rows)} held-out hh-rlhf rows in {dataset.source}"
+        )
     check_disjoint_rows([row_hash(row) for row in eval_rows], used, what=f"{pair.key} vector")
     styles = _styles(pair, rule)
     tokenizer = tokenizer_loader(pair.tuned) if "chat" in styles.values() else None
-    prompts = {side: [_prompt(row, style, tokenizer) for row in eval_rows] for side, style in styles.items()}
+    prompts = {
+        side: [_prompt(row, style, tokenizer) for row in eval_rows]
+        for side, style in styles.items()
+    }
     aqi_prompts = {
         side: [_prompt(PreferencePair((Turn("user", text),), "", "", i), style, tokenizer)
                for i, text in enumerate(aqi.texts)]
@@ -212,17 +236,23 @@ class TunedReference:
     h_last: Tensor
 
 
-def tuned_reference(data: PairData, config: Phase22Config, model: Callable[[], MahalsModel]) -> TunedReference:
+def tuned_reference(
+    data: PairData, config: Phase22Config, model: Callable[[], MahalsModel]
+) -> TunedReference:
     """The tuned model's :class:`TunedReference`, cached in ``<pair>/reference/`` (recomputed
     when the run's identity differs)."""
     path, identity_file = data.reference_dir / "tuned.safetensors", data.reference_dir / "identity"
     identity = _identity(data, config)
     if path.is_file() and identity_file.is_file() and identity_file.read_text() == identity:
         saved = load_tensors(path)
-        return TunedReference(TopKReference(saved["log_probs"], saved["token_ids"], saved["counts"]), saved["h_last"])
+        return TunedReference(
+            TopKReference(saved["log_probs"], saved["token_ids"], saved["counts"]), saved["h_last"]
+        )
     tuned = model()
     texts = scored_texts(tuned, data.prompts["tuned"], [row.chosen for row in data.eval_rows])
-    top_k = reference_top_k(tuned, texts, k=config.top_k, batch_size=config.batch_size, interventions=())
+    top_k = reference_top_k(
+        tuned, texts, k=config.top_k, batch_size=config.batch_size, interventions=()
+    )
     h_last = score_answers(
         tuned, texts, state_layer=tuned.n_layers - 1, batch_size=config.batch_size,
         max_batch_tokens=config.max_batch_tokens, interventions=(),
@@ -232,7 +262,9 @@ def tuned_reference(data: PairData, config: Phase22Config, model: Callable[[], M
     return TunedReference(top_k, h_last)
 
 
-def unsteered_aqi(data: PairData, config: Phase22Config, model: MahalsModel, side: str, below: int) -> list[float]:
+def unsteered_aqi(
+    data: PairData, config: Phase22Config, model: MahalsModel, side: str, below: int
+) -> list[float]:
     """Mahalanobis AQI of the unsteered ``side`` model at layers ``0 … below − 1``: a steer
     cannot change layers before the first one it writes, so every point of the side shares
     these (one capture per side instead of one per point)."""
@@ -267,7 +299,9 @@ def _mahalanobis(states: Tensor, data: PairData, config: Phase22Config) -> list[
     return list(report.overall.layer_aqi or ())
 
 
-def _aqi(states: Tensor, prefix: list[float], data: PairData, config: Phase22Config) -> dict[str, Any]:
+def _aqi(
+    states: Tensor, prefix: list[float], data: PairData, config: Phase22Config
+) -> dict[str, Any]:
     """AQI of one point: ``prefix`` (the side's unsteered layers below the first steered one)
     then the captured layers ``states`` ``[n, layer, d]`` (the last one = the model's last)."""
     curve = prefix + _mahalanobis(states, data, config)
@@ -285,7 +319,9 @@ def _specs(points: Sequence[SweepPoint], data: PairData) -> list[Steering]:
     its own vector and 0 on the others (``h + 0·v`` is ``h`` exactly)."""
     specs = []
     for name in dict.fromkeys(point.vector for point in points):
-        alpha = tuple((1.0 if p.side == "base" else -1.0) * p.lam if p.vector == name else 0.0 for p in points)
+        alpha = tuple(
+            (1.0 if p.side == "base" else -1.0) * p.lam if p.vector == name else 0.0 for p in points
+        )
         specs.append(Steering(data.vectors[name], alpha=alpha, layers=points[0].layers))
     return specs
 
@@ -385,10 +421,19 @@ def _result(
     }
 
 
-def _write_point(folder: Path, data: PairData, judged: JudgedGenerations, result: dict[str, Any]) -> None:
+def _write_point(
+    folder: Path, data: PairData, judged: JudgedGenerations, result: dict[str, Any]
+) -> None:
     lines = [
-        json.dumps({"row": i, "label": data.aqi.labels[i], "prompt": data.aqi.texts[i],
-                    "completion": text, "refused": refused})  # fmt: skip
+        json.dumps(
+            {
+                "row": i,
+                "label": data.aqi.labels[i],
+                "prompt": data.aqi.texts[i],
+                "completion": text,
+                "refused": refused,
+            }
+        )  # fmt: skip
         for i, text, refused in zip(data.generate_rows, judged.texts, judged.refused, strict=True)
     ]
     atomic_write_text(folder / "generations.jsonl", "\n".join(lines) + "\n")
