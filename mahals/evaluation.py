@@ -418,9 +418,11 @@ def reference_top_k(
     *,
     k: int = 256,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     interventions: Sequence[Intervention] | None = None,
 ) -> TopKReference:
-    """The top-``k`` log-probs (float32) of ``model`` at every answer position of ``texts``."""
+    """The top-``k`` log-probs (float32) of ``model`` at every answer position of ``texts``
+    (at most ``max_batch_tokens`` padded tokens per forward)."""
 
     def read(logits: Tensor, chunk: _Chunk) -> Tensor:
         row, position = _answer_positions(chunk.batch, chunk.starts)
@@ -430,7 +432,9 @@ def reference_top_k(
 
     counts = [t.n_answer for t in texts]
     pieces: list[Tensor | None] = [None] * len(texts)
-    for chunk, _, packed in _batched(model, texts, batch_size, read, interventions):
+    for chunk, _, packed in _batched(
+        model, texts, batch_size, read, interventions, max_batch_tokens=max_batch_tokens
+    ):
         # Positions come row by row: split them back into texts.
         for index, piece in zip(
             chunk.texts, packed.split([counts[i] for i in chunk.texts]), strict=True

@@ -251,8 +251,9 @@ def tuned_reference(
     tuned = model()
     texts = scored_texts(tuned, data.prompts["tuned"], [row.chosen for row in data.eval_rows])
     top_k = reference_top_k(
-        tuned, texts, k=config.top_k, batch_size=config.batch_size, interventions=()
-    )
+        tuned, texts, k=config.top_k, batch_size=config.batch_size,
+        max_batch_tokens=config.max_batch_tokens, interventions=(),
+    )  # fmt: skip
     h_last = score_answers(
         tuned, texts, state_layer=tuned.n_layers - 1, batch_size=config.batch_size,
         max_batch_tokens=config.max_batch_tokens, interventions=(),
