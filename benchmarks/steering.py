@@ -179,6 +179,7 @@ def part_c(args, base_row: dict, loader, n_layers: int, d_model: int) -> None:
     progress.setFormatter(logging.Formatter("[%(relativeCreated)7.0f ms] %(message)s"))
     pair_log = logging.getLogger("mahals.pipelines.phase22_pair")
     pair_log.addHandler(progress)
+    pair_log.setLevel(logging.INFO)
     console = io.StringIO()
     started = time.perf_counter()
     try:
