@@ -5,12 +5,15 @@
 (b) capture (pooled, every layer) of 256 prompts, steered vs unsteered;
 (c) one full Phase 2.2 sweep of one pair (8 λ × 2 sides + 3 controls; 1,400 XSTest-shaped AQI
     prompts, 200 preference rows, 100 generations of 64 tokens), random vectors standing in for
-    Phase 2.1's.
+    Phase 2.1's, several λ per forward (the pipeline's default). Progress (one line per group
+    of λ blocks with its time split: scores / generation / capture / AQI) goes to stderr. The
+    reference (t-SNE) AQI at the last layer is CPU work, timed apart: ``--reference-aqi`` adds
+    it to the sweep, and the row always reports one reference AQI's seconds on 1,400 × d_model.
 
-Prints one JSON row per measurement. ``--device cpu --tiny`` runs the same code on a 4-layer
+Prints one JSON row per measurement. ``--device cpu --tiny`` runs the same code on a 6-layer
 model with small sizes (a smoke run, not a measurement).
 
-Usage: python benchmarks/steering.py [--parts a b c] [--json results.jsonl]
+Usage: python benchmarks/steering.py [--parts a b c] [--json results.jsonl] [--reference-aqi]
        python benchmarks/steering.py --device cpu --tiny
 """
 
@@ -21,10 +24,12 @@ import contextlib
 import csv
 import datetime
 import io
+import logging
 import random
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -35,8 +40,9 @@ from phase2 import write_conversations  # noqa: E402
 from shapes import RandomLoader, random_sentence, report, word_tokenizer  # noqa: E402
 
 from mahals.activations import capture  # noqa: E402
+from mahals.aqi import evaluate_activations  # noqa: E402
 from mahals.data.hh_rlhf import load_hh_rlhf  # noqa: E402
-from mahals.data.safety import XSTEST_CONTRAST_GROUPS  # noqa: E402
+from mahals.data.safety import XSTEST_CONTRAST_GROUPS, load_xstest  # noqa: E402
 from mahals.evaluation import row_hash  # noqa: E402
 from mahals.models import load_model  # noqa: E402
 from mahals.pipelines.phase2_pair import vector_files  # noqa: E402
@@ -49,14 +55,15 @@ PAIR = "Llama3_8B"
 
 
 class TinyLoader:
-    """A 4-layer random Llama on the CPU (float32) for ``--tiny`` smoke runs."""
+    """A 6-layer random Llama on the CPU (float32) for ``--tiny`` smoke runs; base and tuned get
+    different weights (seeded by the registry key)."""
 
     def __init__(self) -> None:
         self.tokenizer = word_tokenizer()
         self.load_seconds: dict[str, float] = {}
 
     def __call__(self, spec=None):
-        torch.manual_seed(0)
+        torch.manual_seed(zlib.crc32(spec.key.encode()) if spec is not None else 0)
         config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
                                           num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
         hf = transformers.AutoModelForCausalLM.from_config(config)
@@ -93,29 +100,41 @@ def _vector(model, n_layers: int = 5) -> SteeringVector:
 def part_a_b(model, args, base_row: dict) -> None:
     rng = random.Random(0)
     spec = Steering(_vector(model), alpha=1.0, positions="all")
-    ids = [model.tokenizer(random_sentence(rng, rng.randint(20, 60)))["input_ids"] for _ in range(256)]
+    ids = [
+        model.tokenizer(random_sentence(rng, rng.randint(20, 60)))["input_ids"] for _ in range(256)
+    ]
     new_tokens = 8 if args.tiny else 64
     if "a" in args.parts:
         for batch in (16, 1):
             prompts = ids[:batch]
             row = {**base_row, "part": "a_generation", "batch": batch, "new_tokens": new_tokens}
             for label, specs in (("unsteered", ()), ("steered", (spec,))):
+
                 def run(specs=specs, prompts=prompts):
                     with steer(model, *specs) if specs else contextlib.nullcontext():
-                        generate(model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+                        generate(
+                            model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens
+                        )
+
                 seconds = _timed(run, model.device, args.repeats)
                 row[f"{label}_tokens_per_s"] = round(batch * new_tokens / seconds, 1)
-            row["overhead_pct"] = round(100 * (row["unsteered_tokens_per_s"] / row["steered_tokens_per_s"] - 1), 2)
+            row["overhead_pct"] = round(
+                100 * (row["unsteered_tokens_per_s"] / row["steered_tokens_per_s"] - 1), 2
+            )
             report(row, args.json)
     if "b" in args.parts:
         n = 32 if args.tiny else 256
         row = {**base_row, "part": "b_capture", "prompts": n}
         for label, specs in (("unsteered", ()), ("steered", (spec,))):
+
             def run(specs=specs):
                 with steer(model, *specs) if specs else contextlib.nullcontext():
                     capture(model, ids[:n], pool="last", batch_size=32, progress=False)
+
             row[f"{label}_seconds"] = round(_timed(run, model.device, args.repeats), 4)
-        row["overhead_pct"] = round(100 * (row["steered_seconds"] / row["unsteered_seconds"] - 1), 2)
+        row["overhead_pct"] = round(
+            100 * (row["steered_seconds"] / row["unsteered_seconds"] - 1), 2
+        )
         report(row, args.json)
 
 
@@ -146,32 +165,53 @@ def part_c(args, base_row: dict, loader, n_layers: int, d_model: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n_eval, n_aqi, n_generate = (8, 96, 4) if args.tiny else (200, 1400, 100)
     data = write_conversations(out / "test.jsonl", n_eval + 20)
-    extraction = [row_hash(row) for row in load_hh_rlhf(str(data), split="test", verbose=False)][:20]
+    extraction = [row_hash(row) for row in load_hh_rlhf(str(data), split="test", verbose=False)][
+        :20
+    ]
     _fake_vectors(out / "vectors" / PAIR, n_layers, d_model, extraction)
+    xstest = _write_xstest_like(out / "xstest.csv", n_aqi)
     config = Phase22Config(
         pairs=(PAIR,), vectors_dir=out / "vectors", dataset=str(data), split="test", n_eval=n_eval,
-        xstest=str(_write_xstest_like(out / "xstest.csv", n_aqi)), n_generate=n_generate,
-        max_new_tokens=8 if args.tiny else 64, batch_size=16, out_dir=out / "sweep", checkpoint="fresh",
-        reference_aqi=not args.tiny,
+        xstest=str(xstest), n_generate=n_generate, max_new_tokens=8 if args.tiny else 64,
+        batch_size=64, out_dir=out / "sweep", checkpoint="fresh", reference_aqi=args.reference_aqi,
     )  # fmt: skip
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter("[%(relativeCreated)7.0f ms] %(message)s"))
+    pair_log = logging.getLogger("mahals.pipelines.phase22_pair")
+    pair_log.addHandler(progress)
+    pair_log.setLevel(logging.INFO)
     console = io.StringIO()
     started = time.perf_counter()
-    with contextlib.redirect_stdout(console):
-        summary = run_phase22(config, loader=loader, tokenizer_loader=loader.tokenizer_loader)
+    try:
+        with contextlib.redirect_stdout(console):
+            summary = run_phase22(config, loader=loader, tokenizer_loader=loader.tokenizer_loader)
+    finally:
+        pair_log.removeHandler(progress)
     total = time.perf_counter() - started
     weights = sum(getattr(loader, "load_seconds", {}).values())
+    rows = load_xstest(str(xstest))
+    states = torch.randn(n_aqi, d_model, generator=torch.Generator().manual_seed(0))
+    tsne_started = time.perf_counter()
+    evaluate_activations(states, rows.axioms, rows.labels, mode="reference", seed=0)
     row = {**base_row, "part": "c_phase22_sweep", "points": len(summary.results), "eval_rows": n_eval,
-           "aqi_prompts": n_aqi, "generations": n_generate,
+           "aqi_prompts": n_aqi, "generations": n_generate, "reference_aqi_in_sweep": args.reference_aqi,
            "seconds_excluding_weights": round(total - weights, 2), "weight_creation_seconds": round(weights, 2),
-           "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if torch.cuda.is_available() else None}  # fmt: skip
+           "one_reference_aqi_seconds": round(time.perf_counter() - tsne_started, 2),
+           "peak_gpu_gb_excluding_weight_creation": round(loader.peak_memory() / 1e9, 2)
+           if torch.cuda.is_available() else None}  # fmt: skip
     report(row, args.json)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="4-layer CPU smoke run")
+    parser.add_argument("--tiny", action="store_true", help="6-layer CPU smoke run")
+    parser.add_argument(
+        "--reference-aqi", action="store_true", help="(c): t-SNE AQI at every point"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="/tmp/steering_bench")
     parser.add_argument("--json")

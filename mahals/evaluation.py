@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from mahals.activations import plan_batches, pooling_reader
 from mahals.data.splits import row_hash
 from mahals.tracing import Batch, Intervention, generate, run_trace
 
@@ -56,21 +57,28 @@ __all__ = [
     "JudgedGenerations",
     "MarginScores",
     "ScoredText",
+    "AnswerScores",
     "TopKReference",
     "answer_log_probs",
     "bootstrap_mean",
+    "capture_blocks",
     "check_disjoint_rows",
     "gap_closure",
     "generate_and_judge",
+    "generate_blocks",
     "is_refusal",
     "kl_to_reference",
+    "neutral_texts",
     "perplexity",
+    "perplexity_of",
     "preference_margins",
     "reference_top_k",
     "refusal_log_odds",
     "refusal_token_ids",
     "repetition_rate",
     "row_hash",
+    "score_answers",
+    "score_refusal",
     "scored_texts",
 ]
 
@@ -140,7 +148,9 @@ class ScoredText:
         return len(self.ids) - self.answer_start
 
 
-def scored_texts(model: MahalsModel, prompts: Sequence[str], answers: Sequence[str]) -> list[ScoredText]:
+def scored_texts(
+    model: MahalsModel, prompts: Sequence[str], answers: Sequence[str]
+) -> list[ScoredText]:
     """Prompt tokenised with special tokens, answer without, ids concatenated (≥ 1 answer token)."""
     tokenizer = model.tokenizer
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
@@ -154,37 +164,188 @@ def scored_texts(model: MahalsModel, prompts: Sequence[str], answers: Sequence[s
 
 
 def _answer_positions(batch: Batch, starts: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, position) of every logit that predicts an answer token (right padding)."""
+    """(row, position) of every logit that predicts an answer token (right padding), row-major."""
     index = torch.arange(batch.input_ids.shape[1], device=batch.device)
     predicts_answer = (index >= (starts - 1).unsqueeze(1)) & (index < batch.last.unsqueeze(1))
     return predicts_answer.nonzero(as_tuple=True)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """One forward's texts: ``texts`` (indices into the caller's list), each run ``blocks``
+    times, block-major (row ``j·len(texts) + i`` = text ``texts[i]`` in block *j*)."""
+
+    texts: list[int]
+    blocks: int
+    batch: Batch
+    starts: Tensor  # [rows] answer start of each row
+
+    def on(self, batch: Batch) -> _Chunk:
+        """This chunk with ``batch`` as the trace hands it to a reader (on the logits' device
+        when the model is split across GPUs)."""
+        if batch is self.batch:
+            return self
+        return replace(self, batch=batch, starts=self.starts.to(batch.device))
 
 
 def _batched(
     model: MahalsModel,
     texts: Sequence[ScoredText],
     batch_size: int,
-    reader: Callable[[Tensor, Batch, Tensor, slice], Tensor],
+    logits_reader: Callable[[Tensor, _Chunk], Tensor] | None,
     interventions: Sequence[Intervention] | None,
-) -> list[Tensor]:
-    """Run ``reader(logits, batch, answer_starts, rows)`` over right-padded batches; returns its
-    outputs moved to the host."""
+    *,
+    blocks: int = 1,
+    max_batch_tokens: int | None = None,
+    read_layers: Sequence[int] = (),
+    layer_reader: Callable[[int, Tensor, Batch], Tensor] | None = None,
+) -> list[tuple[_Chunk, list[Tensor], Tensor | None]]:
+    """Run right-padded forwards over ``texts`` (longest first, at most ``batch_size`` texts and
+    ``max_batch_tokens`` padded tokens, counting every block, per forward), each text once per
+    row block; returns per forward its chunk, the ``layer_reader`` outputs of ``read_layers``
+    and the ``logits_reader`` output (``None`` without one), moved to the host."""
+    if blocks < 1:
+        raise ValueError(f"blocks must be ≥ 1, got {blocks}")
     pad = model.tokenizer.pad_token_id
     pad = pad if pad is not None else (model.tokenizer.eos_token_id or 0)
+    budget = None if max_batch_tokens is None else max(1, max_batch_tokens // blocks)
     outputs = []
-    for start in range(0, len(texts), batch_size):
-        rows = slice(start, min(start + batch_size, len(texts)))
-        chunk = texts[rows]
+    for rows in plan_batches([len(t.ids) for t in texts], batch_size, budget):
+        chunk = [texts[i] for i in rows] * blocks
         batch = Batch.pad([t.ids for t in chunk], pad_id=pad, side="right", device=model.device)
         starts = torch.tensor([t.answer_start for t in chunk], device=model.device)
-        _, out = run_trace(
-            model,
-            batch,
-            interventions=interventions,
-            logits_reader=lambda logits, b, s=starts, r=rows: reader(logits, b, s.to(b.device), r),
-        )
-        outputs.append(out.detach().to("cpu"))
+        info = _Chunk(rows, blocks, batch, starts)
+        reads, out = run_trace(
+            model, batch, read_layers=read_layers, reader=layer_reader, interventions=interventions,
+            logits_reader=None if logits_reader is None else lambda logits, b, c=info: logits_reader(logits, c.on(b)),
+        )  # fmt: skip
+        host = [r.detach().to("cpu") for r in reads]
+        outputs.append((info, host, None if out is None else out.detach().to("cpu")))
     return outputs
+
+
+def _per_text(rows: Sequence[tuple[_Chunk, Tensor]], n: int, blocks: int) -> Tensor:
+    """Per-row outputs ``[blocks·len(chunk), ...]`` of every chunk → ``[blocks, n, ...]`` in
+    text order."""
+    first = rows[0][1]
+    out = torch.empty((blocks, n, *first.shape[1:]), dtype=first.dtype)
+    for chunk, values in rows:
+        out[:, chunk.texts] = values.unflatten(0, (blocks, len(chunk.texts)))
+    return out
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    """Answer scores of ``n`` texts under ``blocks`` row blocks (one per λ of a per-block
+    :class:`~mahals.steering.Steering`; ``blocks`` = 1 otherwise).
+
+    Attributes:
+        log_prob: ``[blocks, n]`` ``log p(answer | prompt)`` summed over answer tokens (nats).
+        kl: ``[blocks, n]`` mean ``KL(reference ‖ model)`` per answer token (nats), or ``None``.
+        last_state: ``[blocks, n, d_model]`` float32 residual stream at ``state_layer`` at each
+            text's last token, or ``None``.
+    """
+
+    log_prob: Float[Tensor, "blocks n"]
+    kl: Float[Tensor, "blocks n"] | None
+    last_state: Float[Tensor, "blocks n d_model"] | None
+
+
+def score_answers(
+    model: MahalsModel,
+    texts: Sequence[ScoredText],
+    *,
+    blocks: int = 1,
+    reference: TopKReference | None = None,
+    state_layer: int | None = None,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = None,
+    interventions: Sequence[Intervention] | None = None,
+) -> AnswerScores:
+    """Answer log-probabilities, and optionally ``KL(reference ‖ model)`` and the last-token
+    state at ``state_layer``, of every text in one forward per batch.
+
+    With ``blocks`` = *k* each text runs *k* times in the same forward (block-major rows), for
+    a per-block :class:`~mahals.steering.Steering` (``alpha`` with *k* entries): row block *j*
+    gives ``[j]`` of every result. Log-softmax runs in float32 on the device over the answer
+    positions only; the KL is on the partition {reference's top-k tokens, the rest} (see the
+    module docstring). ``max_batch_tokens`` caps each forward's padded tokens over all blocks.
+    """
+    n = len(texts)
+    counts = torch.tensor([t.n_answer for t in texts], dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+
+    def read(logits: Tensor, chunk: _Chunk) -> Tensor:
+        batch = chunk.batch
+        row, position = _answer_positions(batch, chunk.starts)
+        logp = logits[row, position].float().log_softmax(-1)
+        target = batch.input_ids[row, position + 1]
+        token_logp = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).double()
+        log_prob = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(
+            0, row, token_logp
+        )
+        if reference is None:
+            return log_prob.unsqueeze(-1)
+        # The chunk's reference positions, in row order: every block reads the same ones.
+        span = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in chunk.texts]).repeat(
+            chunk.blocks
+        )
+        ref_logp = reference.log_probs[span].to(logits.device, torch.float64)
+        own = logp.gather(-1, reference.token_ids[span].to(logits.device)).double()
+        # The "every other token" bucket; below 1e-6 it is float32 rounding of a full cover.
+        ref_rest = (1 - ref_logp.exp().sum(-1)).clamp_min(1e-12)
+        own_rest = (1 - own.exp().sum(-1)).clamp_min(1e-12)
+        kl = (ref_logp.exp() * (ref_logp - own)).sum(-1)
+        kl = kl + torch.where(ref_rest > 1e-6, ref_rest * (ref_rest.log() - own_rest.log()), 0.0)
+        kl_sum = torch.zeros(batch.size, dtype=torch.float64, device=logits.device).index_add_(
+            0, row, kl
+        )
+        return torch.stack([log_prob, kl_sum], dim=-1)
+
+    def last_token(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
+        return hidden[torch.arange(batch.size, device=hidden.device), batch.last].float()
+
+    runs = _batched(
+        model, texts, batch_size, read, interventions, blocks=blocks, max_batch_tokens=max_batch_tokens,
+        read_layers=() if state_layer is None else (state_layer,), layer_reader=last_token,
+    )  # fmt: skip
+    scores = _per_text([(chunk, out) for chunk, _, out in runs], n, blocks)
+    states = (
+        None
+        if state_layer is None
+        else _per_text([(chunk, reads[0]) for chunk, reads, _ in runs], n, blocks)
+    )
+    kl = None if reference is None else scores[..., 1] / counts.double()
+    return AnswerScores(scores[..., 0], kl, states)
+
+
+def capture_blocks(
+    model: MahalsModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    layers: Sequence[int],
+    pool: str = "last",
+    blocks: int = 1,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = None,
+    interventions: Sequence[Intervention] | None = None,
+) -> Float[Tensor, "blocks n layer d_model"]:
+    """Pooled residual-stream states (as :func:`mahals.capture`, float32, on the host) of
+    ``prompts`` at ``layers`` (ascending) under each of ``blocks`` row blocks (see
+    :func:`score_answers`). Raises ``FloatingPointError`` on NaN or infinite states."""
+    scored = [ScoredText(tuple(p), len(p)) for p in prompts]
+    runs = _batched(
+        model, scored, batch_size, None, interventions, blocks=blocks, max_batch_tokens=max_batch_tokens,
+        read_layers=layers, layer_reader=pooling_reader(pool),
+    )  # fmt: skip
+    states = _per_text(
+        [(chunk, torch.stack(reads, dim=1)) for chunk, reads, _ in runs], len(prompts), blocks
+    )
+    if not torch.isfinite(states).all():
+        raise FloatingPointError(
+            f"model {model.name!r} produced NaN or infinite states at layers {list(layers)}"
+        )
+    return states
 
 
 def answer_log_probs(
@@ -198,16 +359,9 @@ def answer_log_probs(
 
     Log-softmax runs in float32 on the device over the answer positions only.
     """
-
-    def read(logits: Tensor, batch: Batch, starts: Tensor, rows: slice) -> Tensor:
-        row, position = _answer_positions(batch, starts)
-        selected = logits[row, position].float()
-        target = batch.input_ids[row, position + 1]
-        token_logp = selected.gather(-1, target.unsqueeze(-1)).squeeze(-1) - selected.logsumexp(-1)
-        sums = torch.zeros(batch.size, dtype=torch.float64, device=logits.device)
-        return sums.index_add_(0, row, token_logp.double())
-
-    return torch.cat(_batched(model, texts, batch_size, read, interventions))
+    return score_answers(model, texts, batch_size=batch_size, interventions=interventions).log_prob[
+        0
+    ]
 
 
 @dataclass(frozen=True)
@@ -271,20 +425,33 @@ def reference_top_k(
     *,
     k: int = 256,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     interventions: Sequence[Intervention] | None = None,
 ) -> TopKReference:
-    """The top-``k`` log-probs (float32) of ``model`` at every answer position of ``texts``."""
+    """The top-``k`` log-probs (float32) of ``model`` at every answer position of ``texts``
+    (at most ``max_batch_tokens`` padded tokens per forward)."""
 
-    def read(logits: Tensor, batch: Batch, starts: Tensor, rows: slice) -> Tensor:
-        row, position = _answer_positions(batch, starts)
+    def read(logits: Tensor, chunk: _Chunk) -> Tensor:
+        row, position = _answer_positions(chunk.batch, chunk.starts)
         logp = logits[row, position].float().log_softmax(-1)
         top = logp.topk(min(k, logp.shape[-1]), dim=-1)
         return torch.cat([top.values, top.indices.float()], dim=-1)
 
-    packed = torch.cat(_batched(model, texts, batch_size, read, interventions))
+    counts = [t.n_answer for t in texts]
+    pieces: list[Tensor | None] = [None] * len(texts)
+    for chunk, _, packed in _batched(
+        model, texts, batch_size, read, interventions, max_batch_tokens=max_batch_tokens
+    ):
+        # Positions come row by row: split them back into texts.
+        for index, piece in zip(
+            chunk.texts, packed.split([counts[i] for i in chunk.texts]), strict=True
+        ):
+            pieces[index] = piece
+    packed = torch.cat(pieces)  # type: ignore[arg-type]
     width = packed.shape[1] // 2
-    counts = torch.tensor([t.n_answer for t in texts], dtype=torch.long)
-    return TopKReference(packed[:, :width], packed[:, width:].long(), counts)
+    return TopKReference(
+        packed[:, :width], packed[:, width:].long(), torch.tensor(counts, dtype=torch.long)
+    )
 
 
 def kl_to_reference(
@@ -297,25 +464,22 @@ def kl_to_reference(
 ) -> Float[Tensor, " n"]:
     """Mean over each text's answer positions of ``KL(reference ‖ model)`` (float64 nats), on
     the partition {reference's top-k tokens, the rest} (see the module docstring)."""
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), reference.counts.cumsum(0)])
+    scores = score_answers(
+        model, texts, reference=reference, batch_size=batch_size, interventions=interventions
+    )
+    return scores.kl[0]  # type: ignore[index]
 
-    def read(logits: Tensor, batch: Batch, starts: Tensor, rows: slice) -> Tensor:
-        row, position = _answer_positions(batch, starts)
-        span = slice(int(offsets[rows.start]), int(offsets[rows.stop]))
-        ref_logp = reference.log_probs[span].to(logits.device, torch.float64)
-        ids = reference.token_ids[span].to(logits.device)
-        logp = logits[row, position].float().log_softmax(-1).gather(-1, ids).double()
-        # The "every other token" bucket; below 1e-6 it is float32 rounding of a full cover.
-        ref_rest = (1 - ref_logp.exp().sum(-1)).clamp_min(1e-12)
-        own_rest = (1 - logp.exp().sum(-1)).clamp_min(1e-12)
-        kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
-        rest = ref_rest * (ref_rest.log() - own_rest.log())
-        kl = kl + torch.where(ref_rest > 1e-6, rest, 0.0)
-        sums = torch.zeros(batch.size, dtype=torch.float64, device=logits.device)
-        return sums.index_add_(0, row, kl)
 
-    per_text = torch.cat(_batched(model, texts, batch_size, read, interventions))
-    return per_text / reference.counts.double()
+def neutral_texts(model: MahalsModel, texts: Sequence[str] = NEUTRAL_TEXTS) -> list[ScoredText]:
+    """``texts`` as :func:`perplexity` scores them: every token after the first (special tokens
+    of the tokenizer included as it adds them)."""
+    ids = model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+    return [ScoredText(tuple(seq), 1) for seq in ids]
+
+
+def perplexity_of(log_probs: Float[Tensor, " n"], texts: Sequence[ScoredText]) -> float:
+    """``exp`` of the mean negative log-likelihood per scored token."""
+    return math.exp(-float(log_probs.sum()) / sum(t.n_answer for t in texts))
 
 
 def perplexity(
@@ -327,10 +491,9 @@ def perplexity(
 ) -> float:
     """``exp`` of the mean negative log-likelihood per token of ``texts`` (every token after
     the first; special tokens of the tokenizer included as it adds them)."""
-    ids = model.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-    scored = [ScoredText(tuple(seq), 1) for seq in ids]
+    scored = neutral_texts(model, texts)
     total = answer_log_probs(model, scored, batch_size=batch_size, interventions=interventions)
-    return math.exp(-float(total.sum()) / sum(t.n_answer for t in scored))
+    return perplexity_of(total, scored)
 
 
 # ----------------------------------------------------------------------------------- refusal
@@ -352,6 +515,38 @@ def refusal_token_ids(model: MahalsModel) -> list[int]:
     return sorted(ids)
 
 
+def score_refusal(
+    model: MahalsModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    blocks: int = 1,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = None,
+    interventions: Sequence[Intervention] | None = None,
+) -> Float[Tensor, "blocks n"]:
+    """:func:`refusal_log_odds` of every prompt under each of ``blocks`` row blocks (see
+    :func:`score_answers`), ``[blocks, n]``."""
+    refusal = torch.tensor(refusal_token_ids(model), device=model.device)
+    scored = [ScoredText(tuple(p) + (0,), len(p)) for p in prompts]  # a dummy answer token
+
+    def read(logits: Tensor, chunk: _Chunk) -> Tensor:
+        rows = torch.arange(chunk.batch.size, device=logits.device)
+        logp = logits[rows, chunk.starts - 1].float().log_softmax(-1).double()
+        in_r = logp[:, refusal.to(logp.device)].logsumexp(-1)
+        return in_r - torch.log1p(-in_r.exp().clamp(max=1 - 1e-12))
+
+    runs = _batched(
+        model,
+        scored,
+        batch_size,
+        read,
+        interventions,
+        blocks=blocks,
+        max_batch_tokens=max_batch_tokens,
+    )
+    return _per_text([(chunk, out) for chunk, _, out in runs], len(prompts), blocks)
+
+
 def refusal_log_odds(
     model: MahalsModel,
     prompts: Sequence[Sequence[int]],
@@ -361,16 +556,7 @@ def refusal_log_odds(
 ) -> Float[Tensor, " n"]:
     """``log P(R) − log P(not R)`` of the first generated token at the last prompt position,
     ``R`` = :func:`refusal_token_ids` (float64 nats; > 0: refusal more likely than not)."""
-    refusal = torch.tensor(refusal_token_ids(model), device=model.device)
-    scored = [ScoredText(tuple(p) + (0,), len(p)) for p in prompts]  # a dummy answer token
-
-    def read(logits: Tensor, batch: Batch, starts: Tensor, rows: slice) -> Tensor:
-        rows_index = torch.arange(batch.size, device=logits.device)
-        logp = logits[rows_index, starts - 1].float().log_softmax(-1).double()
-        in_r = logp[:, refusal.to(logp.device)].logsumexp(-1)
-        return in_r - torch.log1p(-in_r.exp().clamp(max=1 - 1e-12))
-
-    return torch.cat(_batched(model, scored, batch_size, read, interventions))
+    return score_refusal(model, prompts, batch_size=batch_size, interventions=interventions)[0]
 
 
 @dataclass(frozen=True)
@@ -382,6 +568,39 @@ class JudgedGenerations:
     refused: list[bool]
 
 
+def generate_blocks(
+    model: MahalsModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    blocks: int = 1,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = None,
+    interventions: Sequence[Intervention] | None = None,
+) -> list[JudgedGenerations]:
+    """Greedy generations of ``prompts`` (token ids), each prompt once per row block (see
+    :func:`score_answers`) in the same left-padded batch, judged by :func:`is_refusal`; one
+    :class:`JudgedGenerations` per block. A batch holds at most ``batch_size`` prompts and
+    ``max_batch_tokens`` tokens (prompt + ``max_new_tokens``, counting every block)."""
+    budget = None if max_batch_tokens is None else max(1, max_batch_tokens // blocks)
+    lengths = [len(p) + max_new_tokens for p in prompts]
+    texts: list[list[str]] = [[""] * len(prompts) for _ in range(blocks)]
+    token_ids: list[list[list[int]]] = [[[] for _ in prompts] for _ in range(blocks)]
+    for rows in plan_batches(lengths, batch_size, budget):
+        out = generate(
+            model, [prompts[i] for i in rows] * blocks, max_new_tokens=max_new_tokens,
+            interventions=interventions,
+        )  # fmt: skip
+        for row, (text, ids) in enumerate(zip(out.texts, out.token_ids, strict=True)):
+            block, index = divmod(row, len(rows))
+            texts[block][rows[index]] = text
+            token_ids[block][rows[index]] = ids
+    return [
+        JudgedGenerations(t, ids, [is_refusal(x) for x in t])
+        for t, ids in zip(texts, token_ids, strict=True)
+    ]
+
+
 def generate_and_judge(
     model: MahalsModel,
     prompts: Sequence[Sequence[int]],
@@ -391,16 +610,13 @@ def generate_and_judge(
     interventions: Sequence[Intervention] | None = None,
 ) -> JudgedGenerations:
     """Greedy generations of ``prompts`` (token ids) in batches, judged by :func:`is_refusal`."""
-    texts: list[str] = []
-    token_ids: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        out = generate(
-            model, prompts[start : start + batch_size], max_new_tokens=max_new_tokens,
-            interventions=interventions,
-        )  # fmt: skip
-        texts += out.texts
-        token_ids += out.token_ids
-    return JudgedGenerations(texts, token_ids, [is_refusal(t) for t in texts])
+    return generate_blocks(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        interventions=interventions,
+    )[0]
 
 
 def repetition_rate(generations: Iterable[Sequence[int]], n: int = 3) -> float:
@@ -430,7 +646,11 @@ class Interval:
 
 
 def bootstrap_mean(
-    values: Sequence[float] | Tensor, *, n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95
+    values: Sequence[float] | Tensor,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> Interval:
     """Mean of ``values`` with a percentile bootstrap interval (rows resampled with
     replacement, numpy ``default_rng(seed)``)."""

@@ -87,8 +87,15 @@ def test_sweep_reruns_are_bit_identical_and_anchor_points_are_exact(setup, tiny_
             second.out_dir / item / "generations.jsonl"
         ).read_text()
     points = _stable(first.summary_path)["pairs"][PAIR]["points"]
-    assert set(points) == {"tuned/lambda_0", "tuned/lambda_1", "base/lambda_0", "base/lambda_1",
-                           "base/control_random", "base/control_rejected", "base/control_svd"}
+    assert set(points) == {
+        "tuned/lambda_0",
+        "tuned/lambda_1",
+        "base/lambda_0",
+        "base/lambda_1",
+        "base/control_random",
+        "base/control_rejected",
+        "base/control_svd",
+    }
     assert points["base/lambda_0"]["gap_closure"] == 0.0
     assert points["tuned/lambda_0"]["gap_closure"] == 1.0
     assert points["tuned/lambda_0"]["kl_tuned_steered"]["mean"] == pytest.approx(0.0, abs=1e-6)
@@ -151,7 +158,9 @@ def test_additive_steer_leaves_aqi_unchanged_at_the_steered_layer(tiny_tokenizer
     with steer(model, Steering(vector, alpha=2.0)):
         steered = capture(model, texts, pool="mean").tensor
     shift = 2.0 * vector.vectors[0].double()
-    torch.testing.assert_close(steered[:, 1].double(), plain[:, 1].double() + shift, rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        steered[:, 1].double(), plain[:, 1].double() + shift, rtol=0, atol=1e-4
+    )
     # The steered layer in float64: AQI of h + αv equals AQI of h.
     plain64 = plain.double()
     for mode in ("mahalanobis", "geometry"):
@@ -159,6 +168,40 @@ def test_additive_steer_leaves_aqi_unchanged_at_the_steered_layer(tiny_tokenizer
         after = evaluate_activations(plain64 + shift * torch.tensor([0.0, 1.0, 0.0]).double()[:, None],
                                      axioms, labels, mode=mode, layer=1, n_bootstrap=0)  # fmt: skip
         assert after.overall.aqi == pytest.approx(before.overall.aqi, abs=1e-8), mode
-    downstream = evaluate_activations(steered, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
+    downstream = evaluate_activations(
+        steered, axioms, labels, mode="geometry", layer=2, n_bootstrap=0
+    )
     unsteered = evaluate_activations(plain, axioms, labels, mode="geometry", layer=2, n_bootstrap=0)
     assert abs(downstream.overall.aqi - unsteered.overall.aqi) > 1e-3
+
+
+def _assert_close(one, two, path=""):
+    """Equal structure and strings; numbers equal to float32 rounding (the two runs batch
+    different rows together, which changes the order of float sums)."""
+    if isinstance(one, dict):
+        assert one.keys() == two.keys(), path
+        for key in one.keys() - {"seconds"}:  # the checkpoint's wall time of the item
+            _assert_close(one[key], two[key], f"{path}/{key}")
+    elif isinstance(one, list):
+        assert len(one) == len(two), path
+        for i, (a, b) in enumerate(zip(one, two, strict=True)):
+            _assert_close(a, b, f"{path}[{i}]")
+    elif isinstance(one, float):
+        assert one == pytest.approx(two, rel=1e-4, abs=1e-4), path
+    else:
+        assert one == two, path
+
+
+def test_lambda_blocks_in_one_forward_equal_one_lambda_at_a_time(setup, tiny_tokenizer):
+    root, registry, data = setup
+    lambdas = (-1.0, 0.0, 0.5, 1.0)
+    blocked = _run(_config(root, data, "blocked", lambdas=lambdas), registry, tiny_tokenizer)
+    single = _run(_config(root, data, "single", lambdas=lambdas, lambdas_per_forward=1),
+                  registry, tiny_tokenizer)  # fmt: skip
+    assert set(blocked.results) == set(single.results)
+    assert len(blocked.results) == 2 * len(lambdas) + 3
+    for item in blocked.results:
+        _assert_close(blocked.results[item], single.results[item], item)
+        assert (blocked.out_dir / item / "generations.jsonl").read_text() == (
+            single.out_dir / item / "generations.jsonl"
+        ).read_text(), item

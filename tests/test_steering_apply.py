@@ -10,7 +10,7 @@ import torch
 
 from mahals.activations import capture
 from mahals.steering import Steering, SteeringVector, steer
-from mahals.tracing import generate
+from mahals.tracing import Batch, generate, run_trace
 
 TEXTS = ["Hello there, friend", "Why?", "How do I bake bread?"]
 
@@ -32,7 +32,9 @@ def _params(model):
 def test_zero_alpha_and_zero_vector_are_bit_identical_and_exit_restores(tiny_model):
     before_params = _params(tiny_model)
     plain = capture(tiny_model, TEXTS, pool="mean").tensor
-    plain_gen = generate(tiny_model, [tiny_model.tokenizer(t)["input_ids"] for t in TEXTS], max_new_tokens=4)
+    plain_gen = generate(
+        tiny_model, [tiny_model.tokenizer(t)["input_ids"] for t in TEXTS], max_new_tokens=4
+    )
     vector = _vector(tiny_model)
     zero = SteeringVector(torch.zeros_like(vector.vectors), layers=vector.layers)
     for spec in (Steering(vector, alpha=0.0), Steering(zero)):
@@ -79,7 +81,12 @@ def test_ablate_removes_the_direction_and_preserve_norm_keeps_norms(tiny_model):
         h = before[2]
         assert (a[0] @ unit).abs().max() < 1e-4 * h.norm(dim=-1).max()
         torch.testing.assert_close(a[0], h - (h @ unit)[:, None] * unit, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(s[0] @ unit, torch.full_like(s[0] @ unit, -1.5 * vector.vectors[0].double().norm()), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            s[0] @ unit,
+            torch.full_like(s[0] @ unit, -1.5 * vector.vectors[0].double().norm()),
+            rtol=1e-4,
+            atol=1e-4,
+        )
         torch.testing.assert_close(k[0].norm(dim=-1), h.norm(dim=-1), rtol=1e-5, atol=1e-4)
         shifted = h + 2.0 * vector.vectors[0].double()
         expected = shifted * (h.norm(dim=-1) / shifted.norm(dim=-1))[:, None]
@@ -186,7 +193,9 @@ def test_generated_positions_steer_the_first_generated_token(tiny_model):
 
 def test_shape_mismatch_names_both_shapes(tiny_model):
     wide = SteeringVector(torch.ones(1, tiny_model.d_model + 1), layers=(0,))
-    with pytest.raises(ValueError, match=rf"shape \(1, {tiny_model.d_model + 1}\).*d_model {tiny_model.d_model}"):
+    with pytest.raises(
+        ValueError, match=rf"shape \(1, {tiny_model.d_model + 1}\).*d_model {tiny_model.d_model}"
+    ):
         Steering(wide).bind(tiny_model)
     deep = SteeringVector(torch.ones(1, tiny_model.d_model), layers=(9,))
     with pytest.raises(ValueError, match=rf"layers up to 9.*{tiny_model.n_layers} layers"):
@@ -208,3 +217,47 @@ def test_fingerprint_tracks_every_setting(tiny_model):
     }
     assert len(prints) == 7
     assert Steering(vector).fingerprint() == Steering(vector).fingerprint()
+
+
+def test_per_block_alpha_equals_one_alpha_at_a_time(tiny_model):
+    """Texts run once per row block under alpha=(a0, a1, a2): block j is the scalar alpha=a_j
+    run — exactly before the steered layer, to float rounding after it, token for token in
+    generation."""
+    vector = _vector(tiny_model, layers=(1,), scale=3.0)
+    alphas = (-1.0, 0.0, 0.75)
+    prompts = [tiny_model.tokenizer(t)["input_ids"] for t in TEXTS]
+    n = len(prompts)
+
+    def states(ids):
+        batch = Batch.pad(ids, pad_id=0, device="cpu")
+        return torch.stack(run_trace(tiny_model, batch, read_layers=[0, 1, 2])[0], dim=1)
+
+    with steer(tiny_model, Steering(vector, alpha=torch.tensor(alphas))):
+        blocked = states(prompts * len(alphas))
+        generated = generate(tiny_model, prompts * len(alphas), max_new_tokens=5).token_ids
+    for j, alpha in enumerate(alphas):
+        with steer(tiny_model, Steering(vector, alpha=alpha)):
+            alone = states(prompts)
+            alone_generated = generate(tiny_model, prompts, max_new_tokens=5).token_ids
+        assert generated[j * n : (j + 1) * n] == alone_generated
+        torch.testing.assert_close(blocked[j * n : (j + 1) * n, 0], alone[:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(blocked[j * n : (j + 1) * n], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_block_alpha_steers_the_rows_of_its_block_and_refuses_a_ragged_batch(tiny_model):
+    vector = _vector(tiny_model, layers=(1,))
+    plain = _states(tiny_model, TEXTS[:2], layers=[1])
+    ids = [tiny_model.tokenizer(TEXTS[0])["input_ids"]] * 2
+    with steer(tiny_model, Steering(vector, alpha=(0.0, 2.0))):
+        rows = capture(tiny_model, ids, pool="none", layers=[1]).per_text
+        with pytest.raises(ValueError, match="3 rows cannot be split into the 2 row blocks"):
+            capture(tiny_model, ids + ids[:1], pool="mean", batch_size=3)
+    v = vector.vectors[0].double()
+    torch.testing.assert_close(rows[0][0].double(), plain[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows[1][0].double(), plain[0][0] + 2.0 * v, rtol=1e-5, atol=1e-4)
+    with pytest.raises(TypeError, match="alpha"):
+        Steering(vector, alpha=("a", 1.0))
+    assert (
+        Steering(vector, alpha=[0.5, 1.0]).fingerprint()
+        != Steering(vector, alpha=[1.0, 0.5]).fingerprint()
+    )

