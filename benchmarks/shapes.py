@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import zlib
 
 import torch
 import transformers
@@ -84,6 +85,8 @@ class RandomLoader:
         self.banked_peak = max(self.banked_peak, torch.cuda.max_memory_allocated())
         started = time.perf_counter()
         config = SHAPES[spec.architecture]()
+        # Same weights in every process (a Ray worker starts with a fresh RNG).
+        torch.manual_seed(zlib.crc32(spec.key.encode()))
         with torch.device(self.device):
             hf = transformers.AutoModelForCausalLM.from_config(
                 config, dtype=torch.bfloat16,
