@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Install (with the dev extra) and run ruff + the whole test suite. Fails on any error,
+# Install (with the dev, dpo and cluster extras) and run ruff + the whole test suite. Fails on any error,
 # including pytest's exit code 5 (no tests collected).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,dpo || exit 1
+bash scripts/setup.sh dev,dpo,cluster || exit 1
 .venv/bin/ruff check mahals tests examples benchmarks || exit 1
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 rc=$?
