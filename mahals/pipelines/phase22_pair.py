@@ -378,7 +378,7 @@ def score_group(
             distance = (chosen.last_state[j] - reference.h_last).norm(dim=-1).double().mean().item()  # type: ignore[index]
             result = _result(point, data, config, margins, chosen.kl[j], perplexity_of(neutral[j], tokens["neutral"]),  # type: ignore[index]
                              odds[j], judged[j], distance, _aqi(states[j], prefix_aqi, data, config))  # fmt: skip
-            _write_point(config.out_dir / data.pair.key / point.name, data, judged[j], result)
+            _write_point(data.folder / point.name, data, judged[j], result)
             results[point.name] = result
         log.info(
             "    %s %s: %d points, scores %.1f s, generation %.1f s, capture %.1f s, AQI %.1f s",

@@ -13,7 +13,7 @@ Given a *source* pair with Phase 2.1 vectors (``<vectors_dir>/<source>/steering_
    Procrustes or CCA map per steered target layer, the layers matched by relative depth
    (default), best linear CKA or explicit pairs; the vector projected; ``cos(projected,
    native)`` per layer next to random source directions pushed through the same maps.
-3. **Sweep** (Phase 2.2's scoring, :func:`mahals.pipelines.phase22_pair.score_item`): the
+3. **Sweep** (Phase 2.2's scoring, :func:`mahals.pipelines.phase22_pair.score_group`): the
    target's steered model unsteered (``none``), with ``+λ`` × the projected vector, a random
    direction with its per-layer norms and, where the target has a pair with Phase 2.1 vectors,
    its native vector; a pair's tuned model unsteered (``tuned``), for the gap closure. The source
@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +54,10 @@ from mahals.pipelines.phase22_pair import (
     PairData,
     SweepPoint,
     load_pair_data,
-    score_item,
+    score_group,
     steered_layers,
     tuned_reference,
+    unsteered_aqi,
 )
 from mahals.pipelines.phase23_report import log_tables, save_figures, summarise
 from mahals.pipelines.phase23_target import (
@@ -195,7 +196,7 @@ class Phase23Config:
                 **{name: getattr(self, name) for name in keep}}  # fmt: skip
 
     def scoring(self) -> Phase22Config:
-        """Phase 2.2's configuration of the scores (what :func:`score_item` reads)."""
+        """Phase 2.2's configuration of the scores (what :func:`score_group` reads)."""
         shared = ("vectors_dir", "dataset", "data_dir", "split", "n_eval", "max_chars", "xstest",
                   "aqi_per_cell", "n_generate", "max_new_tokens", "top_k", "n_bootstrap",
                   "aqi_bootstrap", "reference_aqi", "seed", "batch_size", "out_dir")  # fmt: skip
@@ -239,6 +240,7 @@ class _Run:
     tokenizer_loader: Callable[[Any], Any]
     data: dict[str, PairData]
     references: dict[str, Any]
+    prefixes: dict[tuple[str, str, int], list[float]] = field(default_factory=dict)
 
 
 def run_phase23(
@@ -304,9 +306,15 @@ def run_phase23(
             model = slot.get(
                 data.pair.tuned if point.side == "tuned" else data.pair.base, announce="model"
             )
-            return score_item(
-                point, data, scoring, model, *run.references[key], config.out_dir / item
-            )
+            below = min(point.layers)
+            if (key, point.side, below) not in run.prefixes:
+                run.prefixes[key, point.side, below] = unsteered_aqi(
+                    data, scoring, model, point.side, below
+                )
+            prefix = run.prefixes[key, point.side, below]
+            return score_group([point], data, scoring, model, run.references[key], prefix)[
+                point.name
+            ]
 
         outcome = run_checkpointed(
             out_dir=config.out_dir, checkpoint_name=CHECKPOINT_NAME, items=list(points),
@@ -354,7 +362,7 @@ def _agent_data(run: _Run, key: str) -> PairData:
     if key not in run.data:
         folder = run.config.out_dir / key / "map"
         projected = SteeringVector.load(folder / PROJECTED_FILE)
-        # score_item takes the AQI pooling from "chosen": the source vector's, for every agent
+        # score_group takes the AQI pooling from "chosen": the source vector's, for every agent
         vectors = {
             "chosen": projected,
             "projected": projected,
