@@ -261,7 +261,7 @@ def test_real_dpo_pair_vector_carried_to_gemma3(tmp_path):
         tmp_path / "out", vectors_dir=vectors.out_dir, hh_rlhf_root=hh_rlhf
     )
     config = Phase23Config(**{**vars(config), "n_eval": 8, "n_fit": 100, "lambdas": (1.0,),
-                              "homophily_lambda": 1.0, "aqi_per_cell": 3, "n_generate": 4,
+                              "homophily_lambda": 1.0, "aqi_per_cell": 5, "n_generate": 4,
                               "max_new_tokens": 4})  # fmt: skip
     summary = _stable(run_phase23(config).summary_path)
     gemma = summary["agents"]["gemma-3-270m"]
