@@ -105,7 +105,7 @@ def log_tables(summary: Mapping[str, Any]) -> None:
         for agent, entry in summary["agents"].items() for p in entry["points"].values()
     ]  # fmt: skip
     table(log, ("Agent", "Vector", "λ", "Margin", "G", "Refusal", "OverRef", "KL", "PPL", "AQI(last)"),
-          (24, 11, 6, 9, 9, 9, 9, 9, 9, 10), rows, rule="-" * 105)  # fmt: skip
+          (24, 11, 8, 10, 9, 9, 9, 9, 14, 10), rows, rule="-" * 113)  # fmt: skip
     for agent, entry in summary["agents"].items():
         if entry["map"] is None:
             continue
