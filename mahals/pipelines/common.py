@@ -438,6 +438,22 @@ def result_fields(
     return problem
 
 
+def require_positive(config: Any, names: Sequence[str]) -> None:
+    """Raise naming the first of ``config``'s fields ``names`` that is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def results_under(results: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The results of items ``<prefix>/<name>``, keyed by ``<name>``."""
+    return {
+        item.removeprefix(f"{prefix}/"): result
+        for item, result in results.items()
+        if item.startswith(f"{prefix}/")
+    }
+
+
 def _item_folder(out_dir: Path, item: str) -> Path:
     """``out_dir/item``, refused unless ``item`` is a relative path of plain folder names
     (``pair`` or ``pair/tuned/lambda_1``: no ``..``, ``.``, empty part, not absolute) whose

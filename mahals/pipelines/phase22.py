@@ -47,6 +47,8 @@ from mahals.pipelines.checkpoint import CheckpointChoice, add_checkpoint_flags
 from mahals.pipelines.common import (
     RunSummary,
     add_cluster_arguments,
+    require_positive,
+    results_under,
     run_checkpointed,
     run_command,
 )
@@ -163,17 +165,8 @@ class Phase22Config:
             )
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"layers must be a list of ints, 'all' or None, got {self.layers!r}")
-        for name in (
-            "n_eval",
-            "n_generate",
-            "max_new_tokens",
-            "top_k",
-            "batch_size",
-            "max_batch_tokens",
-            "max_generate_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("n_eval", "n_generate", "max_new_tokens", "top_k", "batch_size",
+                                "max_batch_tokens", "max_generate_tokens"))  # fmt: skip
         if self.lambdas_per_forward is not None and self.lambdas_per_forward < 1:
             raise ValueError(
                 f"lambdas_per_forward must be >= 1 or None, got {self.lambdas_per_forward}"
@@ -280,11 +273,7 @@ def run_phase22(
     figures: dict[str, Path] = {}
     per_pair: dict[str, Any] = {}
     for key, pair_data in data.items():
-        rows = {
-            item.removeprefix(f"{key}/"): r
-            for item, r in results.items()
-            if item.startswith(f"{key}/")
-        }
+        rows = results_under(results, key)
         chosen = pair_data.vectors["chosen"]
         per_pair[key] = _pair_summary(rows, steered_layers(config, chosen), pair_data)
         _log_table(key, per_pair[key])

@@ -46,7 +46,7 @@ from mahals.evaluation import EvaluationLeakError
 from mahals.io import atomic_write_json, tensor_sha256
 from mahals.pipelines.caching import cache_identity, cached_capture, model_identity, texts_sha256
 from mahals.pipelines.checkpoint import CheckpointChoice, add_checkpoint_flags
-from mahals.pipelines.common import RunSummary, run_checkpointed, run_command
+from mahals.pipelines.common import RunSummary, require_positive, run_checkpointed, run_command
 from mahals.pipelines.console import banner, device_line
 from mahals.pipelines.phase2 import default_tokenizer_loader
 from mahals.pipelines.phase22 import Phase22Config
@@ -167,17 +167,8 @@ class Phase23Config:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if isinstance(self.layers, str) and self.layers != "all":
             raise ValueError(f"layers must be a list of ints, 'all' or None, got {self.layers!r}")
-        for name in (
-            "n_eval",
-            "n_fit",
-            "n_generate",
-            "max_new_tokens",
-            "top_k",
-            "batch_size",
-            "rank",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, ("n_eval", "n_fit", "n_generate", "max_new_tokens", "top_k",
+                                "batch_size", "rank"))  # fmt: skip
 
     def settings(self) -> dict[str, Any]:
         """What makes results comparable (checkpointed; a resume must match it)."""

@@ -19,6 +19,7 @@ from mahals import plots
 from mahals._time import utc_timestamp
 from mahals._version import __version__
 from mahals.evaluation import gap_closure
+from mahals.pipelines.common import results_under
 from mahals.pipelines.console import WIDE_RULE, banner, table
 from mahals.pipelines.phase23_target import Agent
 from mahals.transfer import homophily, homophily_plot
@@ -62,11 +63,7 @@ def summarise(
     points' headline scores; the homophily spread once every agent has both of its points."""
     agents: dict[str, Any] = {}
     for key, agent in agents_by_key.items():
-        mine = {
-            item.removeprefix(f"{key}/"): r
-            for item, r in results.items()
-            if item.startswith(f"{key}/")
-        }
+        mine = results_under(results, key)
         none, tuned = mine.get("none"), mine.get("tuned")
         agents[key] = {
             "role": "source" if key == config.source else "target",
