@@ -3,6 +3,9 @@
 (a) greedy generation tokens/s with and without a 5-layer vector applied at all positions,
     batch 16 and 1 (64 new tokens);
 (b) capture (pooled, every layer) of 256 prompts, steered vs unsteered;
+    in (a) and (b) steered and unsteered runs take turns, ``--repeats`` rounds after a warm-up,
+    and the rows give the best and the median run of each (overhead from the best runs: what
+    the code adds; from the medians: how much the run-to-run spread moves it);
 (c) one full Phase 2.2 sweep of one pair (8 λ × 2 sides + 3 controls; 1,400 XSTest-shaped AQI
     prompts, 200 preference rows, 100 generations of 64 tokens), random vectors standing in for
     Phase 2.1's, several λ per forward (the pipeline's default). Progress (one line per group
@@ -78,17 +81,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device, repeats: int) -> float:
-    """Median seconds of ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
+def _timed(methods: dict, device, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each of ``repeats`` runs per method after one warm-up each; the methods take
+    turns within every round, so a slow spell on the host or the card hits them alike."""
+    for fn in methods.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - started)
+    return times
 
 
 def _vector(model, n_layers: int = 5) -> SteeringVector:
@@ -108,34 +114,44 @@ def part_a_b(model, args, base_row: dict) -> None:
         for batch in (16, 1):
             prompts = ids[:batch]
             row = {**base_row, "part": "a_generation", "batch": batch, "new_tokens": new_tokens}
-            for label, specs in (("unsteered", ()), ("steered", (spec,))):
 
-                def run(specs=specs, prompts=prompts):
-                    with steer(model, *specs) if specs else contextlib.nullcontext():
-                        generate(
-                            model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens
-                        )
+            def run(specs, prompts=prompts):
+                with steer(model, *specs) if specs else contextlib.nullcontext():
+                    generate(model, prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
-                seconds = _timed(run, model.device, args.repeats)
-                row[f"{label}_tokens_per_s"] = round(batch * new_tokens / seconds, 1)
-            row["overhead_pct"] = round(
-                100 * (row["unsteered_tokens_per_s"] / row["steered_tokens_per_s"] - 1), 2
+            times = _timed(
+                {"unsteered": lambda: run(()), "steered": lambda: run((spec,))},
+                model.device,
+                args.repeats,
             )
+            _overheads(row, times, lambda seconds, b=batch: b * new_tokens / seconds, "tokens_per_s")
             report(row, args.json)
     if "b" in args.parts:
         n = 32 if args.tiny else 256
         row = {**base_row, "part": "b_capture", "prompts": n}
-        for label, specs in (("unsteered", ()), ("steered", (spec,))):
 
-            def run(specs=specs):
-                with steer(model, *specs) if specs else contextlib.nullcontext():
-                    capture(model, ids[:n], pool="last", batch_size=32, progress=False)
+        def run_capture(specs):
+            with steer(model, *specs) if specs else contextlib.nullcontext():
+                capture(model, ids[:n], pool="last", batch_size=32, progress=False)
 
-            row[f"{label}_seconds"] = round(_timed(run, model.device, args.repeats), 4)
-        row["overhead_pct"] = round(
-            100 * (row["steered_seconds"] / row["unsteered_seconds"] - 1), 2
+        times = _timed(
+            {"unsteered": lambda: run_capture(()), "steered": lambda: run_capture((spec,))},
+            model.device,
+            args.repeats,
         )
+        _overheads(row, times, lambda seconds: seconds, "seconds")
         report(row, args.json)
+
+
+def _overheads(row: dict, times: dict[str, list[float]], measure, unit: str) -> None:
+    """Fill ``row`` with each method's ``measure`` at its best and median run, and the steered
+    run's overhead in % of time (best runs: the cost the code adds; medians: how it spreads)."""
+    for label, runs in times.items():
+        row[f"{label}_{unit}"] = round(measure(min(runs)), 4)
+        row[f"{label}_{unit}_median"] = round(measure(statistics.median(runs)), 4)
+    for which, pick in (("", min), ("_median", statistics.median)):
+        ratio = pick(times["steered"]) / pick(times["unsteered"])
+        row[f"overhead_pct{which}"] = round(100 * (ratio - 1), 2)
 
 
 def _write_xstest_like(path: Path, n: int) -> Path:
@@ -212,7 +228,7 @@ def main() -> None:
     parser.add_argument(
         "--reference-aqi", action="store_true", help="(c): t-SNE AQI at every point"
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="/tmp/steering_bench")
     parser.add_argument("--json")
     args = parser.parse_args()

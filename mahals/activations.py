@@ -292,30 +292,60 @@ def pooling_reader(pool: str, sinks: SinkRule = "none", norm_ratio: float = 10.0
     """A :data:`mahals.tracing.LayerReader` that pools ``[batch, tokens, d]`` → ``[batch, d]``
     float32 on the device: ``mean`` over real tokens (optionally without attention sinks, see
     :func:`capture`), or the ``last`` / ``first`` real token."""
-    per_batch: dict[str, object] = {"batch": None, "mask": None, "rows": None}
+    return _PoolingReader(pool, sinks, norm_ratio)
 
-    def read(layer: int, hidden: Tensor, batch: Batch) -> Tensor:
-        if per_batch["batch"] is not batch:
-            # Work that depends only on the batch is done once, not once per layer.
-            per_batch["batch"] = batch
-            per_batch["rows"] = torch.arange(batch.size, device=hidden.device)
-            per_batch["mask"] = None
-            if pool == "mean" and sinks != "norm":
-                mask = (
-                    batch.token_mask()
-                    if sinks == "none"
-                    else _sink_free_mask(hidden, batch, sinks, norm_ratio)
-                )
-                per_batch["mask"] = (_bmm_mask(mask, hidden), mask.sum(-1, keepdim=True))
-        if pool == "mean":
-            if per_batch["mask"] is None:  # sinks="norm": which tokens are kept depends on the layer
-                mask = _sink_free_mask(hidden, batch, sinks, norm_ratio)
+
+class _PoolingReader:
+    """See :func:`pooling_reader`. Work that depends only on the batch is done once per batch,
+    not once per layer; ``read_many`` pools several layers with one stacked reduction."""
+
+    def __init__(self, pool: str, sinks: SinkRule, norm_ratio: float) -> None:
+        self.pool, self.sinks, self.norm_ratio = pool, sinks, norm_ratio
+        self._batch: Batch | None = None
+
+    def _prepare(self, hidden: Tensor, batch: Batch) -> None:
+        if self._batch is batch:
+            return
+        self._batch = batch
+        self._rows = torch.arange(batch.size, device=hidden.device)
+        self._mask = None
+        if self.pool == "mean" and self.sinks != "norm":
+            mask = (
+                batch.token_mask()
+                if self.sinks == "none"
+                else _sink_free_mask(hidden, batch, self.sinks, self.norm_ratio)
+            )
+            self._mask = (_bmm_mask(mask, hidden), mask.sum(-1, keepdim=True))
+
+    def __call__(self, layer: int, hidden: Tensor, batch: Batch) -> Tensor:
+        self._prepare(hidden, batch)
+        if self.pool == "mean":
+            if self._mask is None:  # sinks="norm": which tokens are kept depends on the layer
+                mask = _sink_free_mask(hidden, batch, self.sinks, self.norm_ratio)
                 return _masked_sum(_bmm_mask(mask, hidden), hidden) / mask.sum(-1, keepdim=True)
-            mask, counts = per_batch["mask"]
+            mask, counts = self._mask
             return _masked_sum(mask, hidden) / counts
-        return hidden[per_batch["rows"], batch.last if pool == "last" else batch.first].float()
+        return hidden[self._rows, batch.last if self.pool == "last" else batch.first].float()
 
-    return read
+    def read_many(
+        self, layers: Sequence[int], hiddens: Sequence[Tensor], batch: Batch
+    ) -> list[Tensor]:
+        """Pool ``hiddens`` (``[batch, tokens, d]`` each, one device) in one reduction over
+        ``[batch, tokens, layers × d]``; equal to one call per layer."""
+        if self.pool == "mean" and self.sinks == "norm":
+            return [
+                self(layer, hidden, batch) for layer, hidden in zip(layers, hiddens, strict=True)
+            ]
+        self._prepare(hiddens[0], batch)
+        stacked = torch.stack(list(hiddens), dim=2)  # [batch, tokens, layers, d]
+        if self.pool == "mean":
+            mask, counts = self._mask
+            flat = stacked.flatten(2)  # [batch, tokens, layers * d]
+            pooled = (_masked_sum(mask, flat) / counts).unflatten(1, stacked.shape[2:])
+        else:
+            index = batch.last if self.pool == "last" else batch.first
+            pooled = stacked[self._rows, index].float()  # [batch, layers, d]
+        return list(pooled.unbind(1))
 
 
 def capture(

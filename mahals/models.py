@@ -54,6 +54,44 @@ PYPI_GGUF = "pypi-gguf:"
 Instrumentation = Literal["residual", "all"]
 
 
+_MODEL_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids"})
+
+
+class _TracedModel(TransformersModel):
+    """nnsight's ``TransformersModel``, handing mahals' own padded batches to the model as they
+    are.
+
+    mahals builds every batch itself (:class:`mahals.tracing.Batch`: ids, mask and positions as
+    ``[batch, tokens]`` tensors on the device). nnsight would split such a batch into rows, give
+    each a mask of ones and concatenate them again — host work on every trace, and a mask that
+    makes ``transformers`` check it on the device (a synchronisation) and leave attention's
+    causal fast path. Any other input (text, several invokes) takes nnsight's own route.
+    """
+
+    @staticmethod
+    def _own_batch(inputs: tuple, kwargs: dict) -> bool:
+        ids = kwargs.get("input_ids")
+        return (
+            not inputs
+            and isinstance(ids, torch.Tensor)
+            and ids.dim() == 2
+            and all(
+                isinstance(kwargs[key], torch.Tensor) and kwargs[key].shape == ids.shape
+                for key in _MODEL_INPUTS & kwargs.keys()
+            )
+        )
+
+    def _batch_size(self, *inputs, **kwargs) -> int:
+        if self._own_batch(inputs, kwargs):
+            return kwargs["input_ids"].shape[0]
+        return super()._batch_size(*inputs, **kwargs)
+
+    def _batch(self, invokes: list, fn) -> tuple:
+        if len(invokes) == 1 and self._own_batch(*invokes[0]):
+            return (), dict(invokes[0][1])
+        return super()._batch(invokes, fn)
+
+
 @dataclass
 class MahalsModel:
     """A causal LM ready for capture and steering.
@@ -567,7 +605,7 @@ def load_model(
     aliases = {adapter.layers: "layers", adapter.final_norm: "final_norm", adapter.embed: "embed"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = TransformersModel(hf_model, tokenizer=tokenizer, rename=aliases)
+        wrapped = _TracedModel(hf_model, tokenizer=tokenizer, rename=aliases)
     if instrument == "residual":
         _route_residual_only(adapter.decoder_layers(hf_model))
     elif instrument != "all":

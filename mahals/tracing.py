@@ -12,9 +12,11 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   ``[batch, d]``) so no ``[batch, tokens, layers, d]`` tensor is built or moved to the host.
 * Each ``.output`` the trace body touches costs a switch into nnsight's worker (≈ 70 µs on a
   fast host), which small batches feel. So when a batch is small (the held layers' outputs fit
-  in :data:`HOLD_BYTES`), the layers that are only read are recorded by nnsight's
-  ``tracer.cache`` on the device instead and reduced after the forward; the body then touches
-  only the layers it writes and the last one it needs.
+  in :data:`HOLD_BYTES`), the layers that are only read are *held*: a forward hook keeps a
+  reference to each one's output on the device (no copy; the hook runs after nnsight's
+  controller returned the layer's final output), and after the forward the reader reduces them
+  all at once (``reader.read_many``, e.g. one masked ``bmm`` over the stacked layers instead of
+  one per layer). The body then touches only the layers it writes and the last one it needs.
 * The forward stops after the last layer it needs, unless logits are asked for.
 """
 
@@ -22,7 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
@@ -47,7 +50,8 @@ __all__ = [
 PaddingSide = Literal["right", "left"]
 
 HOLD_BYTES = 1 << 30
-"""Most bytes of whole-layer outputs a trace holds on the device to spare per-layer switches."""
+"""Most bytes of whole-layer outputs a trace holds on the device to spare per-layer switches
+(a reader's ``read_many`` may stack them: as much again while it runs)."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,11 @@ class Intervention(Protocol):
 
 
 LayerReader = Callable[[int, Tensor, Batch], Tensor]
-"""``(layer, hidden [batch, tokens, d], batch) -> tensor``: what to keep of a layer's output."""
+"""``(layer, hidden [batch, tokens, d], batch) -> tensor``: what to keep of a layer's output.
+
+A reader may also have ``read_many(layers, hiddens, batch) -> list[tensor]``, which reduces
+several layers' outputs (all on one device) at once and returns what the per-layer call would,
+one tensor per layer; :func:`run_trace` uses it for held layers."""
 
 LogitsReader = Callable[[Tensor, Batch], Tensor]
 """``(logits [batch, tokens, vocab], batch) -> tensor``: what to keep of the model's logits."""
@@ -262,13 +270,15 @@ def run_trace(
     held = _held_layers(model, batch, read_layers, writers, reader)
     visit = sorted((set(read_layers) - set(held)) | set(writers))
     if held and (not visit or visit[-1] < held[-1]):
-        visit.append(held[-1])  # touched only so that the forward stops after it
+        # The forward stops right after this layer, before its hooks would run: read it in the
+        # body, which touches it anyway to stop there.
+        visit.append(held.pop())
     envoys = model.layers
     # The trace body runs in nnsight's worker: results leave it through these lists (a plain
     # assignment inside the block would not reach this frame).
     reads: dict[int, Tensor] = {}
     logits: list[Tensor] = []
-    caches: list = []
+    held_outputs: list[Tensor] = []
     # Without padding the mask and positions are the defaults; leaving them out lets attention
     # take its causal fast path instead of building and applying an explicit mask.
     inputs = (
@@ -279,16 +289,12 @@ def run_trace(
     with (
         torch.inference_mode(),
         warnings.catch_warnings(),
+        _holding(model, held, held_outputs),
         model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
         warnings.simplefilter("ignore", UserWarning)
-        if held:
-            caches.append(tracer.cache(modules=[envoys[i] for i in held], device=None))
         for layer in visit:
-            output = envoys[layer].output
-            if layer in held:
-                continue
-            hidden = _apply(model, writers.get(layer, ()), layer, output, batch)
+            hidden = _apply(model, writers.get(layer, ()), layer, envoys[layer].output, batch)
             if layer in read_layers:
                 if reader is not None:
                     reads[layer] = reader(layer, hidden, batch.on(hidden.device))
@@ -300,12 +306,45 @@ def run_trace(
             logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
         elif visit:
             tracer.stop()
-    for cache in caches:
+    if held:
+        if len(held_outputs) != len(held):
+            raise RuntimeError(
+                f"held layers {held} produced {len(held_outputs)} outputs in one forward pass"
+            )
         with torch.inference_mode():
-            for layer, key in zip(held, cache.keys(), strict=True):
-                hidden = model.adapter.unwrap(cache[key].output)
-                reads[layer] = reader(layer, hidden, batch.on(hidden.device))
+            reads.update(zip(held, _read_held(reader, held, held_outputs, batch), strict=True))
     return [reads[layer] for layer in read_layers], (logits[0] if logits else None)
+
+
+@contextmanager
+def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]) -> Iterator[None]:
+    """Append the residual-stream output of each of ``layers`` to ``outputs`` (in forward
+    order) while the block runs."""
+    blocks = model.adapter.decoder_layers(model.hf)
+    unwrap = model.adapter.unwrap
+
+    def hold(_module, _args, output) -> None:
+        outputs.append(unwrap(output))
+
+    handles = [blocks[layer].register_forward_hook(hold) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _read_held(
+    reader: LayerReader, layers: Sequence[int], hiddens: list[Tensor], batch: Batch
+) -> list[Tensor]:
+    read_many = getattr(reader, "read_many", None)
+    devices = {hidden.device for hidden in hiddens}
+    if read_many is not None and len(devices) == 1:
+        return read_many(layers, hiddens, batch.on(devices.pop()))
+    return [
+        reader(layer, hidden, batch.on(hidden.device))
+        for layer, hidden in zip(layers, hiddens, strict=True)
+    ]
 
 
 def _held_layers(
@@ -319,8 +358,7 @@ def _held_layers(
     if reader is None or model.adapter.adds_in_place:
         return []
     layers = [layer for layer in read_layers if layer not in writers]
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    held_bytes = batch.input_ids.numel() * model.d_model * itemsize * len(layers)
+    held_bytes = batch.input_ids.numel() * model.d_model * model.dtype.itemsize * len(layers)
     return layers if held_bytes <= HOLD_BYTES else []
 
 
@@ -380,13 +418,19 @@ def generate(
         do_sample: sample instead of greedy decoding; other keyword arguments go to
             ``transformers``' ``generate``.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise ValueError(f"max_new_tokens must be an integer ≥ 1, got {max_new_tokens!r}")
     if interventions is None:
         interventions = model.active_interventions
     writers = _writers_by_layer(model, interventions)
     tokenizer = model.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     prompt = Batch.pad(sequences, pad_id=pad_id or 0, side="left", device=model.device)
     envoys = model.layers
     with (

@@ -87,7 +87,9 @@ def test_write_then_read_at_one_layer_and_downstream(tiny_model):
     # Layer before: unchanged; the written layer: exactly h + δ; downstream: what HF computes
     # from the edited residual stream.
     torch.testing.assert_close(reads[0][0].double(), plain[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(reads[1][0].double(), plain[1] + delta.double(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        reads[1][0].double(), plain[1] + delta.double(), rtol=1e-5, atol=1e-4
+    )
     torch.testing.assert_close(reads[2][0].double(), steered[2], rtol=1e-5, atol=1e-4)
     assert (steered[2] - plain[2]).abs().max() > 1e-2  # the write really changed the output
 
@@ -122,7 +124,9 @@ def test_interventions_stack_in_order_and_fingerprints_differ(tiny_model):
 def test_capture_reads_what_an_intervention_wrote(tiny_model):
     delta = torch.full((tiny_model.d_model,), 0.5)
     plain = capture(tiny_model, PROMPTS, layers=[1], pool="mean")
-    steered = capture(tiny_model, PROMPTS, layers=[1], pool="mean", interventions=[AddDelta(1, delta)])
+    steered = capture(
+        tiny_model, PROMPTS, layers=[1], pool="mean", interventions=[AddDelta(1, delta)]
+    )
     torch.testing.assert_close(steered.tensor, plain.tensor + 0.5, rtol=1e-5, atol=1e-5)
 
 
@@ -142,6 +146,55 @@ def test_held_and_switched_reads_agree(tiny_model, monkeypatch):
     monkeypatch.setattr(tracing, "HOLD_BYTES", 0)
     switched = capture(tiny_model, PROMPTS, pool="mean", interventions=[write])
     assert torch.equal(default.tensor, switched.tensor)
+
+
+@pytest.mark.parametrize(
+    ("pool", "sinks"),
+    [("mean", "none"), ("mean", "first"), ("mean", "norm"), ("last", "none"), ("first", "none")],
+)
+def test_held_layers_pooled_at_once_equal_one_layer_at_a_time(tiny_model, pool, sinks):
+    # Held layers are pooled with one stacked reduction (read_many); the same reader called
+    # once per layer on the same hidden states is the reference. Padded rows included.
+    from mahals.activations import pooling_reader
+
+    batch = Batch.pad(_ids(tiny_model, PROMPTS), pad_id=1, device="cpu")
+    every = list(range(tiny_model.n_layers))
+    hiddens, _ = run_trace(tiny_model, batch, read_layers=every, interventions=())
+    reader = pooling_reader(pool, sinks)
+    at_once = reader.read_many(every, hiddens, batch)
+    one_by_one = [
+        pooling_reader(pool, sinks)(layer, h, batch)
+        for layer, h in zip(every, hiddens, strict=True)
+    ]
+    for got, want in zip(at_once, one_by_one, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_held_layers_leave_no_hooks_and_the_model_gets_our_batch_as_it_is(tiny_model):
+    # The layer hooks that hold outputs live for one trace only; an unpadded batch reaches the
+    # model without a mask (attention's causal fast path), a padded one with ours.
+    blocks = tiny_model.adapter.decoder_layers(tiny_model.hf)
+    seen = []
+
+    def spy(_module, _args, kwargs):
+        seen.append((kwargs.get("attention_mask"), kwargs.get("position_ids")))
+
+    handle = tiny_model.hf.get_decoder().register_forward_pre_hook(spy, with_kwargs=True)
+    try:
+        for texts in (PROMPTS[1:2], PROMPTS):
+            batch = Batch.pad(_ids(tiny_model, texts), pad_id=1, device="cpu")
+            capture(tiny_model, texts, pool="mean")
+            run_trace(
+                tiny_model, batch, read_layers=[0], reader=lambda _l, h, _b: h, interventions=()
+            )
+    finally:
+        handle.remove()
+    assert all(not block._forward_hooks for block in blocks)
+    (mask_1, positions_1), _, _, (mask_n, positions_n) = seen
+    assert mask_1 is None and positions_1 is None
+    assert torch.equal(mask_n, batch.attention_mask) and torch.equal(
+        positions_n, batch.position_ids
+    )
 
 
 def test_logits_reader_runs_to_the_lm_head(tiny_model):
@@ -232,7 +285,9 @@ def test_registry_shape_mismatch_names_both(tmp_path, tiny_tokenizer):
         '"d_model": 64}}, "pairs": {}}' % (tmp_path / "ckpt")
     )
     registry = load_registry(registry_file)
-    with pytest.raises(RegistryError, match=r"says 5 layers x d_model 64.*has 3 layers x d_model 64"):
+    with pytest.raises(
+        RegistryError, match=r"says 5 layers x d_model 64.*has 3 layers x d_model 64"
+    ):
         load_model("tiny", registry=registry, device="cpu")
 
 
