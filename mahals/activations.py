@@ -462,6 +462,8 @@ def capture(
 def _stack_on(reads: Sequence[Tensor], device: torch.device) -> Tensor:
     """Per-layer reads stacked on ``device`` along dim 1 (a model split across GPUs reads each
     layer on that layer's GPU)."""
+    if all(read.device == device for read in reads):
+        return torch.stack(list(reads), dim=1)
     return torch.stack([read.to(device, non_blocking=True) for read in reads], dim=1)
 
 

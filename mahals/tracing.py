@@ -76,6 +76,7 @@ class Batch:
     last: Int[Tensor, " batch"]
     step: int = 0
     padded: bool = True
+    _decoding: list[Tensor] = field(default_factory=list, init=False, repr=False, compare=False)
     _copies: dict[torch.device, Batch] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -130,11 +131,19 @@ class Batch:
         return self.step == 0
 
     def decoding_step(self, step: int) -> Batch:
-        """The batch as decoding step ``step`` ≥ 1 sees it: one real (generated) token per row."""
-        ones = torch.ones((self.size, 1), dtype=torch.long, device=self.device)
-        zeros = torch.zeros(self.size, dtype=torch.long, device=self.device)
-        positions = (self.last - self.first + step).unsqueeze(1)
-        return Batch(ones.clone(), ones, positions, zeros, zeros, step, padded=False)
+        """The batch as decoding step ``step`` ≥ 1 sees it: one real (generated) token per row
+        (``input_ids`` are placeholders). The tensors that do not change with the step are
+        made once per prompt batch, so a step costs one small kernel."""
+        if not self._decoding:
+            size, device = self.size, self.device
+            self._decoding.extend([
+                torch.ones((size, 1), dtype=torch.long, device=device),  # placeholder ids
+                torch.ones((size, 1), dtype=torch.long, device=device),  # mask
+                torch.zeros(size, dtype=torch.long, device=device),  # first = last = 0
+                (self.last - self.first).unsqueeze(1),  # position of the last prompt token
+            ])  # fmt: skip
+        ids, mask, zeros, offset = self._decoding
+        return Batch(ids, mask, offset + step, zeros, zeros, step, padded=False)
 
     def on(self, device: torch.device) -> Batch:
         """This batch on ``device`` (itself when already there; a copy is made once per device).

@@ -205,3 +205,23 @@ def test_lambda_blocks_in_one_forward_equal_one_lambda_at_a_time(setup, tiny_tok
         assert (blocked.out_dir / item / "generations.jsonl").read_text() == (
             single.out_dir / item / "generations.jsonl"
         ).read_text(), item
+
+
+def test_controls_can_be_chosen_by_name_and_unknown_names_are_refused(tmp_path):
+    from mahals.pipelines.phase22_pair import sweep_points
+
+    def points(controls):
+        config = _config(tmp_path, tmp_path / "rows.jsonl", "out", controls=controls)
+        return config, [
+            p.name for p in sweep_points(config, (3, 4), range(5)) if "control" in p.name
+        ]
+
+    config, names = points(("svd", "random"))
+    assert config.controls == ("random", "svd") and names == [
+        "base/control_random",
+        "base/control_svd",
+    ]
+    assert points(True)[1] == ["base/control_random", "base/control_rejected", "base/control_svd"]
+    assert points(False)[1] == []
+    with pytest.raises(ValueError, match="controls must be a subset"):
+        points(("random", "shuffled"))

@@ -221,6 +221,9 @@ def test_batch_pad_positions_match_the_mask():
     assert batch.first.tolist() == [0, 2] and batch.last.tolist() == [2, 2]
     step = batch.decoding_step(2)
     assert step.position_ids.tolist() == [[4], [2]] and step.step == 2
+    later = batch.decoding_step(3)  # shares the step-independent tensors, not the positions
+    assert later.position_ids.tolist() == [[5], [3]] and step.position_ids.tolist() == [[4], [2]]
+    assert later.attention_mask.tolist() == [[1], [1]] and later.last.tolist() == [0, 0]
 
 
 def _hf_greedy(model, texts, max_new_tokens):

@@ -7,7 +7,7 @@
   (SmolLM2-135M-Instruct vs the same + the DPO-LoRA adapter shipped with mahals), on its
   ``vector_extraction`` rows of hh-rlhf ``harmless-base``.
 * Phase 2.2: a short λ sweep of that vector (:func:`mahals.pipelines.phase22.demo_config`:
-  λ ∈ {−1, 0, 1} on both sides, random-direction / rejected-answer / SVD-3 controls, the
+  λ ∈ {−1, 0, 1} on both sides, the random-direction control, the
   pair's held-out ``evaluation`` rows), its findings printed next to the random control.
 
 Data are read from the ``shared/data`` folder beside the checkout (``--data`` to point

@@ -55,6 +55,7 @@ from mahals.pipelines.common import (
 from mahals.pipelines.console import WIDE_RULE, banner, device_line, table
 from mahals.pipelines.phase2 import default_tokenizer_loader
 from mahals.pipelines.phase22_pair import (
+    CONTROLS,
     PairData,
     SweepPoint,
     aqi_layers_of_interest,
@@ -105,7 +106,9 @@ class Phase22Config:
         lambdas: the sweep's λ values.
         layers: steered layers: ``None`` = the vector's last five, ``"all"``, or a list.
         scan_layers: also ``+v`` (λ = 1) at each vector layer alone, on the base model.
-        controls: random (same per-layer norms), rejected and SVD-k vectors at λ = 1.
+        controls: which control vectors to run at λ = 1 on the base model, from ``"random"``
+            (same per-layer norms), ``"rejected"`` and ``"svd"`` (SVD-k); ``True`` = all
+            three, ``False`` = none.
         svd_component: which ``steering_vector_svd{k}`` is the SVD control.
         top_k: tuned-model tokens kept per answer position for the KL.
         n_bootstrap: resamples of the margin and KL intervals; ``aqi_bootstrap`` of AQI.
@@ -136,7 +139,7 @@ class Phase22Config:
     lambdas: tuple[float, ...] = DEFAULT_LAMBDAS
     layers: tuple[int, ...] | str | None = None
     scan_layers: bool = False
-    controls: bool = True
+    controls: bool | tuple[str, ...] = True
     svd_component: int = 3
     top_k: int = 256
     n_bootstrap: int = 1000
@@ -157,6 +160,13 @@ class Phase22Config:
         object.__setattr__(self, "vectors_dir", Path(self.vectors_dir))
         object.__setattr__(self, "pairs", tuple(self.pairs))
         object.__setattr__(self, "lambdas", tuple(float(x) for x in self.lambdas))
+        controls = (
+            CONTROLS if self.controls is True else () if self.controls is False else self.controls
+        )
+        unknown = [c for c in controls if c not in CONTROLS]
+        if unknown or isinstance(controls, str):
+            raise ValueError(f"controls must be a subset of {CONTROLS}, got {self.controls!r}")
+        object.__setattr__(self, "controls", tuple(c for c in CONTROLS if c in controls))
         if not self.pairs:
             raise ValueError("pairs is empty: name at least one pair with Phase 2.1 vectors")
         if 0.0 not in self.lambdas:
@@ -448,7 +458,8 @@ def demo_config(
     checkpoint: CheckpointChoice | None = None,
 ) -> Phase22Config:
     """A short offline Phase 2.2 (SmolLM2-135M, CPU): λ ∈ {−1, 0, 1} on both sides and the
-    three controls at λ = 1 (random direction, rejected-answer vector, SVD-3), 16 held-out
+    random-direction control at λ = 1 (the rejected-answer and SVD-3 controls are left out to
+    keep the demo within its time: ``controls=True`` adds them), 16 held-out
     hh-rlhf ``harmless-base`` rows (short ones, as the Phase 2.1 demo; the pair's
     ``evaluation`` split), 80 XSTest prompts for AQI (5 per cell), 8 generations of 16 tokens,
     no reference AQI (t-SNE is the slow part on a CPU). Each side's points run as row blocks
@@ -468,7 +479,7 @@ def demo_config(
         pairs=(pair,), vectors_dir=vectors_dir, dataset=str(hh_rlhf), data_dir=DEMO_SUBSET,
         split="test", n_eval=16, max_chars=DEMO_MAX_CHARS,
         xstest=str(hh_rlhf.parent / "xstest" / "xstest_prompts.csv"), aqi_per_cell=5,
-        n_generate=8, max_new_tokens=16, lambdas=(-1.0, 0.0, 1.0), top_k=64, n_bootstrap=500,
+        n_generate=8, max_new_tokens=16, lambdas=(-1.0, 0.0, 1.0), controls=("random",), top_k=64, n_bootstrap=500,
         reference_aqi=False, batch_size=16, out_dir=out_dir, checkpoint=checkpoint,
     )  # fmt: skip
 
@@ -503,7 +514,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--layers", type=_layers, help="'all' or a list, e.g. '20,21,22' (default: last five)"
     )
     parser.add_argument("--scan-layers", action="store_true", help="also +v at one layer at a time")
-    parser.add_argument("--no-controls", dest="controls", action="store_false")
+    parser.add_argument(
+        "--controls", nargs="*", choices=CONTROLS, default=list(CONTROLS),
+        help="control vectors at λ = 1 (default all three; none with no names)",
+    )  # fmt: skip
+    parser.add_argument("--no-controls", dest="controls", action="store_const", const=[])
     parser.add_argument("--no-reference-aqi", dest="reference_aqi", action="store_false")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -524,7 +539,7 @@ def config_from_args(args: argparse.Namespace) -> Phase22Config:
         data_dir=args.data_dir, split=args.split, n_eval=args.n_eval, max_chars=args.max_chars,
         xstest=args.xstest, aqi_per_cell=args.aqi_per_cell, n_generate=args.n_generate,
         max_new_tokens=args.max_new_tokens, lambdas=tuple(args.lambdas), layers=args.layers,
-        scan_layers=args.scan_layers, controls=args.controls, reference_aqi=args.reference_aqi,
+        scan_layers=args.scan_layers, controls=tuple(args.controls), reference_aqi=args.reference_aqi,
         seed=args.seed, batch_size=args.batch_size, lambdas_per_forward=args.lambdas_per_forward,
         max_batch_tokens=args.max_batch_tokens, out_dir=args.out,
         checkpoint=args.checkpoint_choice, workers=args.workers, ray_address=args.ray_address,

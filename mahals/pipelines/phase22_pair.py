@@ -95,10 +95,9 @@ def sweep_points(
         for side in ("tuned", "base")
         for lam in config.lambdas
     ]
-    if config.controls:
-        points += [
-            SweepPoint(f"base/control_{c}", "base", 1.0, c, tuple(steered)) for c in CONTROLS
-        ]
+    points += [
+        SweepPoint(f"base/control_{c}", "base", 1.0, c, tuple(steered)) for c in config.controls
+    ]
     if config.scan_layers:
         points += [
             SweepPoint(f"base/scan_layer_{layer}", "base", 1.0, "chosen", (layer,))
