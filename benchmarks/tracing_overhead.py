@@ -2,7 +2,8 @@
 
 Same model, same batches of random token ids (no padding). Each method runs over all the
 batches once per round; rounds repeat ``--repeats`` times with the methods interleaved (so a
-noisy spell on the host hits every method alike), and each method keeps its best round:
+noisy spell on the host hits every method alike), and each row gives each method's best round (`ratio_to_decoder`) and its median round
+(`median_ratio_to_decoder`):
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``hooks``          the decoder stack with torch forward hooks mean-pooling every layer on the
@@ -33,6 +34,7 @@ import cProfile
 import datetime
 import io
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -62,15 +64,15 @@ def run_once(fn) -> float:
     return time.perf_counter() - start
 
 
-def best_of_rounds(methods: dict, repeats: int) -> dict[str, float]:
-    """Seconds of each method's best round; methods interleaved within every round."""
+def rounds(methods: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each method's rounds; methods interleaved within every round."""
     for fn in methods.values():
         fn()  # warm-up
-    best = dict.fromkeys(methods, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            best[name] = min(best[name], run_once(fn))
-    return best
+            times[name].append(run_once(fn))
+    return times
 
 
 def hooked_pooling(decoder, layers):
@@ -100,6 +102,7 @@ def hooked_pooling(decoder, layers):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", help="only these batch x seq shapes, e.g. 4x128")
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write the small-batch cProfile table to this file")
     parser.add_argument("--steering", action="store_true", help="also time steered capture")
@@ -129,20 +132,25 @@ def main() -> None:
             base_model="random", tuned_model="random", dataset="none", pool="last", n_samples=1,
         )
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
-    for batch, seq, n in [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME:
+    shapes = [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME
+    if args.shapes:
+        shapes = [shape for shape in shapes if f"{shape[0]}x{shape[1]}" in args.shapes]
+    for batch, seq, n in shapes:
         batches = [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
-        seconds = best_of_rounds(methods, args.repeats)
+        times = rounds(methods, args.repeats)
         # instrument="all" re-installs nnsight's controllers on the shared modules: time it
         # last, then wrap the model again with the default routing for the next shape.
         every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
-        seconds |= best_of_rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
+        times |= rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
         model = load_model(hf, tokenizer=tokenizer, verbose=False)
-        results = {name: batch * seq * n / value for name, value in seconds.items()}
+        results = {name: batch * seq * n / min(value) for name, value in times.items()}
+        medians = {name: batch * seq * n / statistics.median(value) for name, value in times.items()}
         row = {
             "date": datetime.date.today().isoformat(), "card": card, "shape": "llama-3.1-8b" if not args.smoke else "tiny", "batch": batch,
             "seq": seq, "batches": n, "repeats": args.repeats, "tok_per_s": {k: round(v) for k, v in results.items()},
             "ratio_to_decoder": {k: round(v / results["decoder"], 4) for k, v in results.items()},
+            "median_ratio_to_decoder": {k: round(v / medians["decoder"], 4) for k, v in medians.items()},
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
         report(row, args.json)
