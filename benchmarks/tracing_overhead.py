@@ -2,8 +2,8 @@
 
 Same model, same batches of random token ids (no padding). Each method runs over all the
 batches once per round; rounds repeat ``--repeats`` times with the methods interleaved (so a
-noisy spell on the host hits every method alike), and each row gives each method's best round (`ratio_to_decoder`) and its median round
-(`median_ratio_to_decoder`):
+noisy spell on the host hits every method alike), and each row gives each method's best round
+(``ratio_to_decoder``) and its median round (``median_ratio_to_decoder``):
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``hooks``          the decoder stack with torch forward hooks mean-pooling every layer on the
