@@ -218,6 +218,34 @@ def part_c(args, base_row: dict, loader, n_layers: int, d_model: int) -> None:
     report(row, args.json)
 
 
+def profile_generation(model, path: str, new_tokens: int) -> None:
+    """cProfile of one batch-1 greedy generation without and with the 5-layer steer (after a
+    warm-up of each): where the steered run's extra host time goes."""
+    import cProfile
+    import pstats
+
+    spec = Steering(_vector(model), alpha=1.0, positions="all")
+    prompt = [model.tokenizer(random_sentence(random.Random(0), 40))["input_ids"]]
+    sections = []
+    for label, specs in (("unsteered", ()), ("steered", (spec,))):
+
+        def run(specs=specs):
+            with steer(model, *specs) if specs else contextlib.nullcontext():
+                generate(model, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+        run()
+        profiler = cProfile.Profile()
+        _sync(model.device)
+        profiler.enable()
+        run()
+        _sync(model.device)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+        sections.append(f"### {label}: batch 1, {new_tokens} new tokens\n{text.getvalue()}")
+    Path(path).write_text("\n".join(sections))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -231,6 +259,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="/tmp/steering_bench")
     parser.add_argument("--json")
+    parser.add_argument(
+        "--profile", help="write cProfile tables of one batch-1 generation, unsteered and steered"
+    )
     args = parser.parse_args()
     loader = TinyLoader() if args.tiny else RandomLoader(args.device)
     spec = load_registry().pair(PAIR).base
@@ -239,6 +270,8 @@ def main() -> None:
                 "card": torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu",
                 "model": "tiny-llama" if args.tiny else "Llama-3.1-8B shape, random bf16"}  # fmt: skip
     part_a_b(model, args, base_row)
+    if args.profile:
+        profile_generation(model, args.profile, new_tokens=8 if args.tiny else 64)
     n_layers, d_model = model.n_layers, model.d_model
     model.free()
     if "c" in args.parts:

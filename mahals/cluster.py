@@ -3,7 +3,8 @@
 With ``--workers N`` (or ``--ray-address auto|ADDR``) a phase runs its pending items (Phase 1
 models, Phase 2.1 pairs, Phase 2.2 λ blocks) as Ray tasks, on one machine with several GPUs or
 on an existing Ray cluster. Each task reserves ``num_gpus`` = the GPUs its largest model needs
-(the registry's ``gpus``; 0 on a cluster without GPUs), computes its items and writes each
+(the registry's ``gpus``; 0 on a cluster without GPUs) and its share of the node's CPUs
+(:func:`task_cpus`), computes its items and writes each
 item's result file itself (:func:`mahals.pipelines.common.compute_item`); the driver, which
 holds the output folder's lock, derives the checkpoint from those files as tasks finish. Ray
 schedules; mahals only caps how many tasks are in flight (``--workers``).
@@ -43,6 +44,7 @@ __all__ = [
     "local_gpu_memory",
     "parameter_count",
     "ray_available",
+    "task_cpus",
     "task_gpus",
     "weight_bytes",
 ]
@@ -176,9 +178,11 @@ class FanOut:
                 ray.shutdown()
 
     def _run(self, ray, compute, tasks, finished) -> None:
-        node_gpus = max(
-            (int(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node["Alive"]),
-            default=0,
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        node_gpus = max((int(node.get("GPU", 0)) for node in nodes), default=0)
+        cpus_per_gpu = min(
+            (int(node.get("CPU", 1)) // int(node["GPU"]) for node in nodes if node.get("GPU")),
+            default=1,
         )
         gpu_memory = local_gpu_memory()
         groups: dict[str, list[ItemTask]] = {}
@@ -202,7 +206,11 @@ class FanOut:
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 name = queue.pop(0)
-                options = {"num_gpus": requests[name], "num_cpus": 1, "name": f"mahals:{name}"}
+                options = {
+                    "num_gpus": requests[name],
+                    "num_cpus": task_cpus(requests[name], cpus_per_gpu),
+                    "name": f"mahals:{name}",
+                }
                 ref = remote.options(**options).remote(shared_compute, groups[name])
                 in_flight[ref] = name
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -210,6 +218,16 @@ class FanOut:
                 group = groups[in_flight.pop(ref)]
                 for task, entry in zip(group, ray.get(ref), strict=True):
                     finished(task.item, entry)
+
+
+def task_cpus(gpus: int, cpus_per_gpu: int) -> int:
+    """CPUs to reserve for a task of ``gpus`` GPUs: its share of its node's CPUs
+    (``cpus_per_gpu``: the fewest any GPU node has per GPU), at least one.
+
+    Ray gives a task as many OpenMP / torch threads as it reserves CPUs: with one, the task's
+    CPU work (tokenising, pooling on the host, AQI folds on a CPU) would run on one thread.
+    """
+    return max(1, gpus * cpus_per_gpu)
 
 
 def task_gpus(specs: Sequence[ModelSpec], node_gpus: int, gpu_memory: int | None) -> int:

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from mahals import capture, cluster
-from mahals.cluster import PlanError, check_fits, fan_out, parameter_count, task_gpus
+from mahals.cluster import PlanError, check_fits, fan_out, parameter_count, task_cpus, task_gpus
 from mahals.models import load_model
 from mahals.pipelines import phase1, phase2
 from mahals.pipelines.common import ITEM_RESULT_NAME, OutputFolderLocked
@@ -364,3 +364,11 @@ def test_a_batch_moves_to_a_layers_device_once():
     fields = (moved.input_ids, moved.attention_mask, moved.position_ids, moved.first, moved.last)
     assert all(t.device.type == "meta" for t in fields)
     assert (moved.step, moved.padded, moved.size) == (batch.step, batch.padded, batch.size)
+
+
+def test_task_cpus_are_the_tasks_share_of_its_nodes_cpus():
+    # A 1-CPU task would run its CPU work on one thread (Ray sets its OpenMP threads to it).
+    assert task_cpus(1, cpus_per_gpu=16) == 16
+    assert task_cpus(4, cpus_per_gpu=16) == 64
+    assert task_cpus(0, cpus_per_gpu=16) == 1  # a CPU-only task (a cluster without GPUs)
+    assert task_cpus(2, cpus_per_gpu=0) == 1  # a node with fewer CPUs than GPUs
