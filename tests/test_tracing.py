@@ -174,6 +174,7 @@ def test_held_layers_leave_no_hooks_and_the_model_gets_our_batch_as_it_is(tiny_m
     # The layer hooks that hold outputs live for one trace only; an unpadded batch reaches the
     # model without a mask (attention's causal fast path), a padded one with ours.
     blocks = tiny_model.adapter.decoder_layers(tiny_model.hf)
+    hooks_before = [dict(block._forward_hooks) for block in blocks]  # transformers adds its own
     seen = []
 
     def spy(_module, _args, kwargs):
@@ -189,7 +190,7 @@ def test_held_layers_leave_no_hooks_and_the_model_gets_our_batch_as_it_is(tiny_m
             )
     finally:
         handle.remove()
-    assert all(not block._forward_hooks for block in blocks)
+    assert [dict(block._forward_hooks) for block in blocks] == hooks_before
     (mask_1, positions_1), _, _, (mask_n, positions_n) = seen
     assert mask_1 is None and positions_1 is None
     assert torch.equal(mask_n, batch.attention_mask) and torch.equal(
