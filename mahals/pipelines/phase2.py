@@ -59,8 +59,8 @@ from mahals.pipelines.phase2_pair import (
     NORM_DEFINITION,
     extract_pair,
 )
-from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, registry_loader
-from mahals.registry import ModelSpec, Registry, load_registry
+from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, resolve_registry
+from mahals.registry import ModelSpec, Registry
 from mahals.steering import Pool
 
 __all__ = [
@@ -321,9 +321,7 @@ def run_phase2(
         to the ``mahals.pipelines`` loggers (:func:`mahals.pipelines.console.console` shows it
         as the CLI does).
     """
-    if registry is not None and loader is default_loader:  # models come from that registry too
-        loader = registry_loader(registry)
-    registry = registry or load_registry()
+    loader, registry = resolve_registry(loader, registry)
     pair_keys = config.pairs if config.pairs is not None else tuple(registry.study(config.study))
     pairs = {key: registry.pair(key) for key in pair_keys}
     _log_header(config, pair_keys)

@@ -66,7 +66,7 @@ from mahals.pipelines.phase22_pair import (
     tuned_reference,
     unsteered_aqi,
 )
-from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, registry_loader
+from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, resolve_registry
 from mahals.registry import Registry, load_registry
 
 __all__ = [
@@ -211,9 +211,7 @@ def run_phase22(
     tokenizer_loader: Callable[[Any], Any] = default_tokenizer_loader,
 ) -> Phase22Summary:
     """Run the Phase 2.2 sweep of every pair of ``config`` (see the module docstring)."""
-    if registry is not None and loader is default_loader:
-        loader = registry_loader(registry)
-    registry = registry or load_registry()
+    loader, registry = resolve_registry(loader, registry)
     pairs = {key: registry.pair(key) for key in config.pairs}
     log.info("%s", device_line())
     banner(log, "Phase 2.2: Same-Architecture Validation (apply steering vectors)")

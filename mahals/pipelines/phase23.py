@@ -74,8 +74,8 @@ from mahals.pipelines.phase23_target import (
     resolve_agent,
     target_layers,
 )
-from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, registry_loader
-from mahals.registry import Registry, load_registry
+from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader, resolve_registry
+from mahals.registry import Registry
 from mahals.steering import SteeringVector
 
 __all__ = ["Phase23Config", "Phase23Summary", "add_arguments", "demo_config", "run_from_args",
@@ -242,9 +242,7 @@ def run_phase23(
     tokenizer_loader: Callable[[Any], Any] = default_tokenizer_loader,
 ) -> Phase23Summary:
     """Run Phase 2.3 (see the module docstring)."""
-    if registry is not None and loader is default_loader:
-        loader = registry_loader(registry)
-    registry = registry or load_registry()
+    loader, registry = resolve_registry(loader, registry)
     log.info("%s", device_line())
     banner(log, "Phase 2.3: Cross-Architecture Transfer (projected steering vectors)")
     log.info(

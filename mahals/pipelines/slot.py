@@ -14,9 +14,9 @@ from types import TracebackType
 
 from mahals.cluster import placement
 from mahals.models import MahalsModel, load_model
-from mahals.registry import ModelSpec, Registry
+from mahals.registry import ModelSpec, Registry, load_registry
 
-__all__ = ["ModelLoader", "ModelSlot", "default_loader", "registry_loader"]
+__all__ = ["ModelLoader", "ModelSlot", "default_loader", "registry_loader", "resolve_registry"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def _load_from(registry: Registry, spec: ModelSpec) -> MahalsModel:
 def registry_loader(registry: Registry) -> ModelLoader:
     """A loader that looks keys up in ``registry`` rather than ``$MAHALS_REGISTRY``."""
     return functools.partial(_load_from, registry)
+
+
+def resolve_registry(
+    loader: ModelLoader, registry: Registry | None
+) -> tuple[ModelLoader, Registry]:
+    """The loader and registry a pipeline runs with: a registry given without a loader of
+    its own also supplies the models; no registry means the default one."""
+    if registry is not None and loader is default_loader:
+        loader = registry_loader(registry)
+    return loader, registry or load_registry()
 
 
 class ModelSlot:
