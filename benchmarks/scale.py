@@ -30,6 +30,7 @@ import datetime
 import importlib.util
 import io
 import json
+import os
 import random
 import sys
 import tempfile
@@ -69,7 +70,9 @@ LLAMA_70B = dict(
         "rope_type": "llama3",
     },
 )  # fmt: skip  (meta-llama/Llama-3.1-70B config.json)
-FANOUT_SHAPES = ("llama", "mistral", "qwen2", "gemma2", "falcon")
+#: The study's six 7–9B tuned models as (key suffix, architecture): Zephyr has Mistral's shape.
+FANOUT_SHAPES = (("llama", "llama"), ("mistral", "mistral"), ("qwen2", "qwen2"),
+                 ("gemma2", "gemma2"), ("falcon", "falcon"), ("zephyr", "mistral"))  # fmt: skip
 AXIOMS = ("Civility & Tolerance", "Wisdom & Knowledge", "Well-being & Peace", "Justice & Rights")
 
 
@@ -164,7 +167,7 @@ class TimedLoader(RandomLoader):
         self.smoke = smoke
 
     def __call__(self, spec: ModelSpec):
-        started = time.perf_counter()
+        started, wall = time.perf_counter(), time.time()
         if self.smoke:  # the CPU path of RandomLoader: tiny shapes, float32, no CUDA calls
             hf = random_model(tiny(shapes.SHAPES[spec.architecture]()), "cpu", torch.float32, 0)
             model = load_model(hf, tokenizer=self.tokenizer, verbose=False)
@@ -173,16 +176,17 @@ class TimedLoader(RandomLoader):
             model = super().__call__(spec)
         seconds = time.perf_counter() - started
         self.timings.mkdir(parents=True, exist_ok=True)
-        (self.timings / f"{spec.key}.json").write_text(json.dumps({"seconds": seconds}))
+        record = {"key": spec.key, "pid": os.getpid(), "started": wall, "seconds": seconds}
+        (self.timings / f"{spec.key}.{os.getpid()}.{wall:.6f}.json").write_text(json.dumps(record))
         return model
 
 
 def _fanout_registry(smoke: bool) -> tuple[Registry, tuple[str, ...]]:
     models = {}
-    for architecture in FANOUT_SHAPES:
+    for name, architecture in FANOUT_SHAPES:
         config = shapes.SHAPES[architecture]()
         config = tiny(config) if smoke else config
-        key = f"random-{architecture}"
+        key = f"random-{name}"
         models[key] = ModelSpec(key, f"random/{key}", architecture, config.num_hidden_layers,
                                 config.hidden_size, batch_size=16)  # fmt: skip
     return Registry(models=models), tuple(models)
@@ -217,8 +221,13 @@ def _process_part(rank: int, args, keys, data: Path, work: Path, timings: Path, 
 
 
 def fanout(args, gpus: int) -> dict:
-    """Phase 1 sanity on the shapes: sequential on one GPU, then one task per model over
-    ``gpus`` GPUs, through Ray (``--engine ray``) or one process per GPU (``processes``)."""
+    """Phase 1 sanity on the six shapes: sequential on one GPU, then over ``gpus`` GPUs through
+    Ray (``--engine ray``: one worker per GPU, each model's categories split over them) or one
+    process per GPU with whole models (``processes``).
+
+    Start-up is timed apart: from the run's start to its first weight creation (Ray: starting
+    Ray and the workers, which import torch and initialise CUDA; sequential: loading the data),
+    as is weight creation (each load's seconds; under Ray the busiest worker's sum)."""
     _, keys = _fanout_registry(args.smoke)
     work = Path(tempfile.mkdtemp(prefix="mahals_scale_"))
     data = _write_prompts(work / "prompts.csv", args.per_cell)
@@ -227,6 +236,7 @@ def fanout(args, gpus: int) -> dict:
            "prompts_per_model": 8 * args.per_cell, "gpus": gpus}  # fmt: skip
     for mode in ("sequential", args.engine):
         timings = work / f"timings_{mode}"
+        started_wall = time.time()
         started = time.perf_counter()
         if mode == "sequential":
             _phase1(args, keys, data, work / mode, timings)
@@ -235,7 +245,8 @@ def fanout(args, gpus: int) -> dict:
             import ray
 
             ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
-            ray.init(num_gpus=gpus, num_cpus=parallel, include_dashboard=False)
+            # all CPUs: each worker reserves its GPU's share (16 threads on a 64-CPU, 4-GPU node)
+            ray.init(num_gpus=gpus, num_cpus=os.cpu_count(), include_dashboard=False)
             try:
                 _phase1(args, keys, data, work / mode, timings, workers=parallel)
             finally:
@@ -246,19 +257,25 @@ def fanout(args, gpus: int) -> dict:
             torch.multiprocessing.spawn(_process_part, args=spawn_args, nprocs=parallel)
             folders = {key: work / mode / f"part_{i % parallel}" for i, key in enumerate(keys)}
         wall = time.perf_counter() - started
-        creation = {p.stem: json.loads(p.read_text())["seconds"] for p in timings.glob("*.json")}
+        loads = [json.loads(p.read_text()) for p in timings.glob("*.json")]
+        per_process: dict[int, float] = {}
+        for load in loads:
+            per_process[load["pid"]] = per_process.get(load["pid"], 0.0) + load["seconds"]
+        startup = min(load["started"] for load in loads) - started_wall
+        creation = max(per_process.values())  # on the critical path: the busiest process's
         results = {key: _checkpointed(folders[key], key) for key in keys}
         row[mode] = {
             "wall_seconds": round(wall, 2),
-            "weight_creation_seconds_summed": round(sum(creation.values()), 2),
-            "per_model_seconds_excluding_weights": {
-                key: round(results[key]["seconds"] - creation.get(key, 0.0), 2) for key in keys},
+            "startup_seconds": round(startup, 2),
+            "weight_creations": len(loads),
+            "weight_creation_seconds_busiest_process": round(creation, 2),
+            "wall_excluding_startup_and_weights": round(wall - startup - creation, 2),
             "aqi": {key: round(results[key]["AQI"], 4) for key in keys},
         }  # fmt: skip
     row["same_aqi"] = row["sequential"]["aqi"] == row[args.engine]["aqi"]
-    row["speedup_wall"] = round(
-        row["sequential"]["wall_seconds"] / row[args.engine]["wall_seconds"], 2
-    )
+    for name, field in (("speedup_wall", "wall_seconds"),
+                        ("speedup_excluding_startup_and_weights", "wall_excluding_startup_and_weights")):  # fmt: skip
+        row[name] = round(row["sequential"][field] / row[args.engine][field], 2)
     return row
 
 

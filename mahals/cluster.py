@@ -1,13 +1,20 @@
-"""Scale-out: the study's items as parallel Ray tasks, and how many GPUs each model needs.
+"""Scale-out: the study's items on a pool of Ray workers, and how many GPUs each model needs.
 
 With ``--workers N`` (or ``--ray-address auto|ADDR``) a phase runs its pending items (Phase 1
-models, Phase 2.1 pairs, Phase 2.2 λ blocks) as Ray tasks, on one machine with several GPUs or
-on an existing Ray cluster. Each task reserves ``num_gpus`` = the GPUs its largest model needs
-(the registry's ``gpus``; 0 on a cluster without GPUs) and its share of the node's CPUs
-(:func:`task_cpus`), computes its items and writes each
-item's result file itself (:func:`mahals.pipelines.common.compute_item`); the driver, which
-holds the output folder's lock, derives the checkpoint from those files as tasks finish. Ray
-schedules; mahals only caps how many tasks are in flight (``--workers``).
+models, Phase 2.1 pairs, Phase 2.2 λ blocks) on Ray, on one machine with several GPUs or on an
+existing Ray cluster. The workers are long-lived Ray actors (one process each, so torch, CUDA
+and the kernels warm up once per run, not once per task); each reserves ``num_gpus`` = the GPUs
+the run's largest model needs (the registry's ``gpus``; 0 on a cluster without GPUs) and its
+share of its node's CPUs (:func:`task_cpus`). Ray places the workers; mahals hands each free
+worker the next task, and each task writes its items' result files itself
+(:func:`mahals.pipelines.common.compute_item`); the driver, which holds the output folder's
+lock, derives the checkpoint from those files as tasks finish.
+
+An item may first be split into parts (:class:`Split`; Phase 1: a model's categories, whose
+scores depend on their own rows only): the parts run as tasks of their own, grouped so that the
+tasks fill the workers evenly (:func:`balanced_groups`: six models on four GPUs give twelve
+half-model tasks, where one task per model could not beat 3×), and the item's own task then
+only combines their files.
 
 Ray is an optional extra (``pip install 'mahals[cluster]'``). Without it, or with
 ``--workers 1`` and no address, :func:`fan_out` returns ``None`` and the phase runs its
@@ -20,8 +27,10 @@ weights (parameters × dtype bytes) must fit in 90% of those GPUs' memory.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +47,9 @@ __all__ = [
     "ClusterError",
     "FanOut",
     "PlanError",
+    "Split",
     "USABLE_MEMORY_FRACTION",
+    "balanced_groups",
     "check_fits",
     "fan_out",
     "local_gpu_memory",
@@ -133,11 +144,27 @@ def placement(spec: ModelSpec) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class FanOut:
-    """Runs a phase's pending items as Ray tasks (see the module docstring).
+class Split:
+    """How an item's work splits into parts that run first, spread over the workers (Phase 1:
+    a model's categories, each captured and scored on its own; the item then only combines).
 
     Attributes:
-        workers: tasks in flight at once; ``None`` = as many as the cluster's resources hold.
+        parts: an item → its parts still to compute (empty: the item runs as one task).
+        compute: computes a group of one item's parts in a worker, writing their files.
+        weight: a part → its relative cost (rows), for balancing the groups.
+    """
+
+    parts: Callable[[str], Sequence[Any]]
+    compute: Callable[[Sequence[Any]], None]
+    weight: Callable[[Any], float] = lambda part: 1.0
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """Runs a phase's pending items on a pool of Ray workers (see the module docstring).
+
+    Attributes:
+        workers: workers at once; ``None`` = as many as the cluster's resources hold.
         address: Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``);
             ``None`` = start a local Ray on this machine (unless one is running in this process).
         models: an item → the models its task loads (for its GPU count and the fit check).
@@ -155,8 +182,11 @@ class FanOut:
         compute: Callable[[str], Mapping[str, Any]],
         tasks: Sequence[ItemTask],
         finished: Callable[[str, Mapping[str, Any]], None],
+        split: Split | None = None,
     ) -> None:
-        """Run ``tasks`` as Ray tasks; ``finished(item, entry)`` for each item, as its task ends.
+        """Run ``tasks`` on Ray workers; ``finished(item, entry)`` for each item, as its task
+        ends. With ``split``, an item's parts run first, in balanced groups on any free
+        worker (:func:`balanced_groups`), and the item's own task once they are all done.
 
         A task's failure stops the run with that task's exception (items that other tasks
         finished keep their result files).
@@ -172,52 +202,135 @@ class FanOut:
                     f"cannot reach the Ray cluster at {self.address!r}: {error}"
                 ) from error
         try:
-            self._run(ray, compute, tasks, finished)
+            self._run(ray, compute, tasks, finished, split)
         finally:
             if started_here:
                 ray.shutdown()
 
-    def _run(self, ray, compute, tasks, finished) -> None:
+    def _run(self, ray, compute, tasks, finished, split) -> None:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        groups: dict[str, list[ItemTask]] = {}
+        for task in tasks:
+            groups.setdefault(self.group(task.item) if self.group else task.item, []).append(task)
         node_gpus = max((int(node.get("GPU", 0)) for node in nodes), default=0)
+        gpus = max(
+            task_gpus(
+                [spec for task in group for spec in self.models(task.item)],
+                node_gpus,
+                local_gpu_memory(),
+            )
+            for group in groups.values()
+        )
         cpus_per_gpu = min(
             (int(node.get("CPU", 1)) // int(node["GPU"]) for node in nodes if node.get("GPU")),
             default=1,
         )
-        gpu_memory = local_gpu_memory()
-        groups: dict[str, list[ItemTask]] = {}
-        for task in tasks:
-            groups.setdefault(self.group(task.item) if self.group else task.item, []).append(task)
-        requests = {
-            name: task_gpus(
-                [spec for task in group for spec in self.models(task.item)], node_gpus, gpu_memory
-            )
-            for name, group in groups.items()
-        }
-        log.info(
-            "Ray: %d task(s) for %d item(s), at most %s at once; largest node: %d GPU(s)",
-            len(groups), len(tasks), self.workers or "all", node_gpus,
+        cpus = task_cpus(gpus, cpus_per_gpu)
+        capacity = sum(
+            min(int(node.get("CPU", 0)) // cpus, int(node.get("GPU", 0)) // gpus if gpus else 1 << 30)
+            for node in nodes
         )  # fmt: skip
-        remote = ray.remote(max_retries=0)(_run_group)
-        shared_compute = ray.put(compute)
-        queue = list(groups)
-        in_flight: dict[Any, str] = {}
-        limit = self.workers or len(queue)
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                name = queue.pop(0)
-                options = {
-                    "num_gpus": requests[name],
-                    "num_cpus": task_cpus(requests[name], cpus_per_gpu),
-                    "name": f"mahals:{name}",
-                }
-                ref = remote.options(**options).remote(shared_compute, groups[name])
-                in_flight[ref] = name
-            done, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in done:
-                group = groups[in_flight.pop(ref)]
-                for task, entry in zip(group, ray.get(ref), strict=True):
-                    finished(task.item, entry)
+        if capacity < 1:
+            raise ClusterError(f"no Ray node can hold a worker of {gpus} GPU(s) and {cpus} CPU(s)")
+        slots = min(self.workers or capacity, capacity)
+        part_groups = {}
+        if split is not None:
+            owners = {
+                name: [part for task in group for part in split.parts(task.item)]
+                for name, group in groups.items()
+            }
+            part_groups = balanced_groups(
+                {name: parts for name, parts in owners.items() if parts}, split.weight, slots
+            )
+        # Parts in item order, so items finish one after another; an item whose parts are done
+        # goes before any further part.
+        part_queue = [(name, parts) for name in groups for parts in part_groups.get(name, [])]
+        item_queue = [name for name in groups if name not in part_groups]
+        outstanding = {name: len(parts) for name, parts in part_groups.items()}
+        log.info(
+            "Ray: %d worker(s) of %d GPU(s) and %d CPU(s) for %d item(s) in %d task(s)%s",
+            min(slots, len(part_queue) + len(item_queue)), gpus, cpus, len(tasks), len(groups),
+            f", first {len(part_queue)} part task(s)" if part_queue else "",
+        )  # fmt: skip
+        worker_class = ray.remote(_Worker)
+        workers = [
+            worker_class.options(num_gpus=gpus, num_cpus=cpus).remote()
+            for _ in range(min(slots, len(part_queue) + len(item_queue)))
+        ]
+        item_function = ray.put(functools.partial(_run_group, compute))
+        part_function = ray.put(split.compute) if split is not None else None
+        idle, in_flight = list(workers), {}
+        try:
+            while item_queue or part_queue or in_flight:
+                while idle and (item_queue or part_queue):
+                    worker = idle.pop()
+                    if item_queue:
+                        name = item_queue.pop(0)
+                        ref = worker.call.remote(item_function, groups[name])
+                        in_flight[ref] = ("item", name, worker)
+                    else:
+                        name, parts = part_queue.pop(0)
+                        in_flight[ref := worker.call.remote(part_function, parts)] = (
+                            "parts", name, worker,
+                        )  # fmt: skip
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in done:
+                    kind, name, worker = in_flight.pop(ref)
+                    result = ray.get(ref)
+                    idle.append(worker)
+                    if kind == "item":
+                        for task, entry in zip(groups[name], result, strict=True):
+                            finished(task.item, entry)
+                    else:
+                        outstanding[name] -= 1
+                        if outstanding[name] == 0:
+                            item_queue.append(name)
+        finally:
+            for worker in workers:
+                ray.kill(worker)
+
+
+def balanced_groups(
+    owners: Mapping[str, Sequence[Any]], weight: Callable[[Any], float], slots: int
+) -> dict[str, list[list[Any]]]:
+    """Each owner's parts (a model's categories) in ``g`` groups, one task each, so that the
+    ``len(owners) · g`` tasks fill ``slots`` workers evenly: ``g = slots / gcd(len(owners),
+    slots)``, at most one group per part. Within an owner, the heaviest part goes to the
+    lightest group first (weights: ``weight(part)``); empty groups are dropped.
+
+    Six models on four workers: two groups each, twelve tasks, three per worker (at most 3×
+    with one task per model, 4× like this).
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    n_groups = slots // math.gcd(len(owners), slots) if owners else 1
+    grouped = {}
+    for owner, parts in owners.items():
+        bins: list[list[Any]] = [[] for _ in range(min(n_groups, len(parts)))]
+        loads = [0.0] * len(bins)
+        for part in sorted(parts, key=weight, reverse=True):
+            lightest = loads.index(min(loads))
+            bins[lightest].append(part)
+            loads[lightest] += weight(part)
+        grouped[owner] = [group for group in bins if group]
+    return grouped
+
+
+class _Worker:
+    """A Ray actor that computes what it is given, one call at a time. Long-lived, so each
+    GPU's process imports torch, initialises CUDA and warms up once per run (a Ray task that
+    reserves GPUs gets a fresh process each time)."""
+
+    def __init__(self) -> None:
+        logger = logging.getLogger("mahals")
+        if not logger.handlers:  # the worker's log reaches the driver's console through Ray
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+    def call(self, function: Callable[[Any], Any], argument: Any) -> Any:
+        return function(argument)
 
 
 def task_cpus(gpus: int, cpus_per_gpu: int) -> int:
@@ -250,12 +363,6 @@ def _run_group(compute: Callable[[str], Mapping[str, Any]], tasks: Sequence[Item
     """In a Ray worker: compute each item of one task in order, each writing its result file."""
     from mahals.pipelines.common import compute_item
 
-    logger = logging.getLogger("mahals")
-    if not logger.handlers:  # the worker's log reaches the driver's console through Ray
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     return [compute_item(compute, task) for task in tasks]
 
 

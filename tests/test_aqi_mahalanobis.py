@@ -16,11 +16,14 @@ from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from mahals.aqi import (
     CENTRED_OVERALL,
     OVERALL,
+    CategoryHeldOut,
     category_centred_projections,
     cross_validated_projections,
     evaluate,
     evaluate_activations,
     lda_direction,
+    mahalanobis_categories,
+    report_from_categories,
     stratified_folds,
 )
 from mahals.data import SafetyDataset
@@ -265,6 +268,30 @@ def test_a_category_does_not_depend_on_other_categories_rows():
     for name in ("noise", "planted"):
         assert subset[name] == full[name]
     assert subset.overall.aqi != full.overall.aqi
+
+
+def test_categories_scored_apart_and_saved_combine_into_the_joint_report(tmp_path):
+    x, axioms, labels = run()
+    n_tokens = torch.arange(len(axioms)) % 7 + 3
+    joint = evaluate_activations(x, axioms, labels, n_tokens=n_tokens, n_bootstrap=30)
+    parts = {}
+    for name in reversed(sorted(set(axioms))):  # another order than the joint call's
+        rows = [i for i, a in enumerate(axioms) if a == name]
+        (part,) = mahalanobis_categories(
+            x[rows], [name] * len(rows), [labels[i] for i in rows],
+            n_tokens=n_tokens[rows], n_bootstrap=30,
+        ).values()  # fmt: skip
+        identity = {"format": "cache", "model": "m"}  # keys of the caller's own
+        part.save(tmp_path / f"{name}.safetensors", identity)
+        parts[name] = CategoryHeldOut.load(tmp_path / f"{name}.safetensors", identity)
+    combined = report_from_categories(parts)
+    assert combined.to_dict() == joint.to_dict()  # the overall interval included, bit for bit
+    assert CategoryHeldOut.load(tmp_path / "noise.safetensors", {"model": "other"}) is None
+    other = mahalanobis_categories(
+        x, axioms, labels, n_tokens=n_tokens, n_bootstrap=30, seed=7
+    )
+    with pytest.raises(ValueError, match="'planted' was scored with other settings"):
+        report_from_categories({**parts, "planted": other["planted"]})
 
 
 def test_overall_is_the_mean_of_the_categories_and_records_cells_and_width():

@@ -20,9 +20,18 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from mahals import capture, cluster
-from mahals.cluster import PlanError, check_fits, fan_out, parameter_count, task_cpus, task_gpus
+from mahals.cluster import (
+    PlanError,
+    balanced_groups,
+    check_fits,
+    fan_out,
+    parameter_count,
+    task_cpus,
+    task_gpus,
+)
 from mahals.models import load_model
 from mahals.pipelines import phase1, phase2
 from mahals.pipelines.common import ITEM_RESULT_NAME, OutputFolderLocked
@@ -186,6 +195,35 @@ def test_items_run_in_ray_workers_not_in_the_driver(study, local_ray, tmp_path):
         for key in PHASE1_MODELS
     }
     assert driver not in workers
+
+
+def test_one_models_categories_are_scored_on_several_workers_and_combined(
+    study, local_ray, tmp_path
+):
+    """Phase 1 splits a model's work by category (scores of a category depend on its rows
+    only): with one model and two workers, both workers score categories of it, and the report
+    they make together is the sequential one."""
+    one = {"models": ("tiny-llama-it",)}
+    sequential = run_phase1(study, phase1_config(study, tmp_path / "sequential", **one))
+    parallel = run_phase1(study, phase1_config(study, tmp_path / "ray", workers=2, **one))
+    assert parallel.results == sequential.results
+    writers = set()
+    for path in (tmp_path / "ray" / "tiny-llama-it" / "categories").glob("*.aqi.safetensors"):
+        with safe_open(path, framework="pt") as handle:
+            writers.add(handle.metadata()["worker"].rsplit(":", 1)[1])
+    assert len(writers) == 2 and str(os.getpid()) not in writers
+
+
+def test_balanced_groups_fill_the_workers_evenly():
+    models = {f"m{i}": [f"m{i}/c{j}" for j in range(4)] for i in range(6)}
+    grouped = balanced_groups(models, lambda part: 1.0, slots=4)
+    assert [len(groups) for groups in grouped.values()] == [2] * 6  # 12 tasks, 3 per worker
+    assert all(sorted(sum(groups, [])) == models[m] for m, groups in grouped.items())
+    assert [len(g) for g in balanced_groups({"m": ["a", "b", "c"]}, len, 4)["m"]] == [1, 1, 1]
+    assert len(balanced_groups({f"m{i}": ["a", "b"] for i in range(4)}, len, 4)["m0"]) == 1
+    weights = {"big": 5.0, "small1": 1.0, "small2": 1.0, "small3": 3.0}
+    (heavy, light) = balanced_groups({"m": list(weights)}, weights.get, 2)["m"]
+    assert (heavy, sorted(light)) == (["big"], ["small1", "small2", "small3"])
 
 
 # -------------------------------------------------------------- a killed driver, a busy folder

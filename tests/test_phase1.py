@@ -21,7 +21,6 @@ from mahals import capture
 from mahals.aqi import AQIReport, embedding_features, evaluate, evaluate_activations
 from mahals.aqi.evaluation import default_sinks
 from mahals.data import load_litmus
-from mahals.io import load_tensors
 from mahals.models import load_model
 from mahals.pipelines import phase1
 from mahals.pipelines.console import console
@@ -83,6 +82,18 @@ def load(spec):
     return load_model(spec.key, device="cpu", verbose=False)
 
 
+def capture_by_category(model, dataset, sinks="none"):
+    """``capture`` of each category's texts on its own, put back in the dataset's row order."""
+    tensor, n_tokens = None, torch.empty(len(dataset), dtype=torch.long)
+    for axiom in sorted(set(dataset.axioms)):
+        rows = [i for i, a in enumerate(dataset.axioms) if a == axiom]
+        part = capture(model, [dataset.texts[i] for i in rows], pool="mean", sinks=sinks)
+        if tensor is None:
+            tensor = torch.empty((len(dataset), *part.tensor.shape[1:]))
+        tensor[rows], n_tokens[rows] = part.tensor, torch.as_tensor(part.n_tokens)
+    return argparse.Namespace(tensor=tensor, n_tokens=n_tokens)
+
+
 def run(cfg, loader=None, *, shown=True):
     """Run Phase 1 with its log shown as the CLI shows it (``shown``) or not configured."""
     loader = loader or load
@@ -108,19 +119,18 @@ def test_files_numbers_and_console_follow_the_seed(study, registry_env, tmp_path
     dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
     for key in MODELS:
         folder = out / key
-        for name in (
-            "result.json",
-            "metrics_summary.json",
-            "metrics_summary.csv",
-            f"embeddings_{key}.safetensors",
-        ):
+        for name in ("result.json", "metrics_summary.json", "metrics_summary.csv"):
             assert (folder / name).is_file(), f"{key}/{name}"
-        # independent path: a fresh model, a fresh sink-free capture, the library's scorer
+        # one activation cache and one mahalanobis part per category
+        assert len(list((folder / "categories").glob("*.embeddings.safetensors"))) == len(AXIOMS)
+        assert len(list((folder / "categories").glob("*.aqi.safetensors"))) == len(AXIOMS)
+        # independent path: a fresh model, a fresh sink-free capture of each category's rows
+        # (a row's batch holds rows of its category only, as in the run), the library's scorer
         model = load_model(key, device="cpu", verbose=False)
-        captured = capture(model, list(dataset.texts), pool="mean", sinks="first")
-        cached = load_tensors(folder / f"embeddings_{key}.safetensors")
+        captured = capture_by_category(model, dataset, sinks="first")
+        cached = phase1.cached_embeddings(out, key, dataset)
         assert cached["activations"].shape == (len(dataset), 3, 64)
-        torch.testing.assert_close(cached["activations"], captured.tensor)
+        torch.testing.assert_close(cached["activations"], captured.tensor, rtol=0, atol=0)
         expected = evaluate_activations(
             captured.tensor,
             dataset.axioms,
@@ -196,16 +206,14 @@ def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
 ):
     out = tmp_path / "ref"
     summary, console = run(config(study, out, aqi_mode="reference", models=("tiny-llama-it",)))
-    cached = load_tensors(out / "tiny-llama-it" / "embeddings_tiny-llama-it.safetensors")[
-        "activations"
-    ]
     dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
+    cached = phase1.cached_embeddings(out, "tiny-llama-it", dataset)["activations"]
     expected = evaluate_activations(
         cached[:, -1], dataset.axioms, dataset.labels, mode="reference", seed=42
     )
     # the original study's plain mean pooling, not the sink-free default of the other modes
-    plain = capture(load_model("tiny-llama-it", device="cpu", verbose=False), list(dataset.texts))
-    torch.testing.assert_close(cached, plain.tensor)
+    plain = capture_by_category(load_model("tiny-llama-it", device="cpu", verbose=False), dataset)
+    torch.testing.assert_close(cached, plain.tensor, rtol=0, atol=0)
     result = summary.results["tiny-llama-it"]
     assert (result["AQI"], result["CHI_norm"], result["XB_norm"]) == (
         expected.overall.aqi,
@@ -218,12 +226,15 @@ def test_reference_mode_reproduces_reference_aqi_on_the_cached_embeddings(
 def test_rerun_reuses_cached_embeddings_without_loading_a_model(study, registry_env, tmp_path):
     out = tmp_path / "cache"
     first, _ = run(config(study, out))
+    parts = {path: path.stat().st_mtime_ns for path in out.glob("*/categories/*.aqi.safetensors")}
+    assert len(parts) == len(MODELS) * len(AXIOMS)
 
     def no_model(spec):
         raise AssertionError(f"loaded {spec.key} although its embeddings are cached")
 
     second, output = run(config(study, out, checkpoint="fresh"), loader=no_model)
     assert output.count("Reusing cached embeddings") == len(MODELS)
+    assert {path: path.stat().st_mtime_ns for path in parts} == parts, "a category was rescored"
     third, output = run(config(study, out, checkpoint="resume"), loader=no_model, shown=False)
     assert third.results == second.results == first.results
     assert output == "", "library code printed although logging was not configured"
@@ -233,8 +244,8 @@ def test_cache_identity_includes_the_sink_rule(study, registry_env, tmp_path):
     out = tmp_path / "sinks"
     models = ("tiny-llama-it",)
     run(config(study, out, models=models))
-    path = out / "tiny-llama-it" / "embeddings_tiny-llama-it.safetensors"
-    sink_free = load_tensors(path)
+    dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
+    sink_free = phase1.cached_embeddings(out, "tiny-llama-it", dataset)
     loaded = []
 
     def counting(spec):
@@ -246,7 +257,7 @@ def test_cache_identity_includes_the_sink_rule(study, registry_env, tmp_path):
     )
     assert loaded == ["tiny-llama-it"], "a sink-free cache was reused for plain mean pooling"
     assert "stale (sinks differ)" in output
-    plain = load_tensors(path)
+    plain = phase1.cached_embeddings(out, "tiny-llama-it", dataset)
     assert not torch.allclose(plain["activations"], sink_free["activations"])
     dataset = load_litmus(str(study[2]), per_cell=10, seed=42)
     model = load_model("tiny-llama-it", device="cpu", verbose=False)

@@ -98,8 +98,9 @@ def test_resume_after_the_dataset_changed_recomputes_the_finished_model(study):
     resumed = _run(_config(data, out, models=("tiny-a", "tiny-b"), checkpoint="resume"))
     independent = _run(_config(data, root / "clean", models=("tiny-a", "tiny-b")))
     assert resumed.results == independent.results
-    cached = load_tensors(out / "tiny-a" / "embeddings_tiny-a.safetensors")["activations"]
-    fresh = load_tensors(root / "clean" / "tiny-a" / "embeddings_tiny-a.safetensors")
+    dataset = phase1.load_dataset(_config(data, out))
+    cached = phase1.cached_embeddings(out, "tiny-a", dataset)["activations"]
+    fresh = phase1.cached_embeddings(root / "clean", "tiny-a", dataset)
     assert torch.equal(cached, fresh["activations"])
 
 
@@ -107,15 +108,15 @@ def test_fresh_run_after_the_weights_changed_does_not_reuse_the_embeddings(study
     root, data = study
     out = root / "out"
     _run(_config(data, out))
-    cache = out / "tiny-a" / "embeddings_tiny-a.safetensors"
-    before = load_tensors(cache)["activations"]
+    dataset = phase1.load_dataset(_config(data, out))
+    before = phase1.cached_embeddings(out, "tiny-a", dataset)["activations"]
     _save_tiny(root / "models" / "tiny-a", tiny_tokenizer, seed=7)  # new weights, same path
     again = _run(_config(data, out, checkpoint="fresh"))
     independent = _run(_config(data, root / "clean"))
     assert again.results == independent.results
-    after = load_tensors(cache)["activations"]
+    after = phase1.cached_embeddings(out, "tiny-a", dataset)["activations"]
     assert not torch.equal(after, before)
-    clean = load_tensors(root / "clean" / "tiny-a" / "embeddings_tiny-a.safetensors")
+    clean = phase1.cached_embeddings(root / "clean", "tiny-a", dataset)
     assert torch.equal(after, clean["activations"])
 
 

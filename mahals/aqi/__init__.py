@@ -30,10 +30,13 @@ from mahals.aqi.evaluation import (
     evaluate,
     evaluate_activations,
     length_features,
+    mahalanobis_categories,
+    report_from_categories,
 )
 from mahals.aqi.geometry import GEOMETRY_MODE_NOTES
 from mahals.aqi.indices import calinski_harabasz, pca_reduce, xie_beni
 from mahals.aqi.mahalanobis import (
+    CategoryHeldOut,
     category_centred_projections,
     cross_validated_projections,
     lda_direction,
@@ -53,6 +56,7 @@ __all__ = [
     "PRINCIPLED_MODE_NOTES",
     "AQIReport",
     "AQIScore",
+    "CategoryHeldOut",
     "calinski_harabasz",
     "category_centred_projections",
     "cross_validated_projections",
@@ -61,9 +65,11 @@ __all__ = [
     "evaluate_activations",
     "lda_direction",
     "length_features",
+    "mahalanobis_categories",
     "pca_reduce",
     "reference_aqi",
     "reference_normalize",
+    "report_from_categories",
     "stratified_folds",
     "xie_beni",
 ]

@@ -21,9 +21,16 @@ from torch import Tensor
 from mahals.aqi._inputs import LayerSpec, category_rows, select_layers, unsafe_mask
 from mahals.aqi.geometry import geometry_scores
 from mahals.aqi.indices import as_layered
-from mahals.aqi.mahalanobis import Shrinkage, Solver, mahalanobis_scores
+from mahals.aqi.mahalanobis import (
+    CategoryHeldOut,
+    Shrinkage,
+    Solver,
+    category_held_out,
+    centred_overall_score,
+    combine_categories,
+)
 from mahals.aqi.reference import reference_aqi
-from mahals.aqi.report import AQIReport, Mode
+from mahals.aqi.report import CENTRED_OVERALL, OVERALL, AQIReport, Mode
 
 if TYPE_CHECKING:
     from mahals.activations import SinkRule
@@ -37,6 +44,8 @@ __all__ = [
     "evaluate",
     "evaluate_activations",
     "length_features",
+    "mahalanobis_categories",
+    "report_from_categories",
 ]
 
 logger = logging.getLogger(__name__)
@@ -198,64 +207,178 @@ def evaluate_activations(
         report = reference_aqi(layered[:, positions[0]], axioms, is_unsafe, seed=seed, gamma=gamma)
         return replace(report, model=model_name, dataset=dataset_name, layers=report_layers)
 
-    rows = category_rows(axioms, is_unsafe)
     target = torch.device(device) if device is not None else layered.device
-    settings: dict = {"seed": seed, "d": int(layered.shape[-1])}
-    if mode == "geometry":
-        scores = geometry_scores(
-            layered,
-            torch.tensor(positions, device=layered.device),
-            rows,
-            is_unsafe,
-            pca_dim=pca_dim,
-            n_bootstrap=n_bootstrap,
-            seed=seed,
-            confidence=confidence,
-            device=target,
-        )
-        settings |= {
-            "pca_dim": pca_dim,
-            "n_bootstrap": n_bootstrap,
-            "confidence": confidence,
-            "interval": "bootstrap percentile, stratified by (axiom, label) cell, bias-shifted",
-            "pooling": "single layer" if len(positions) == 1 else "mean of per-layer AQI",
-        }
-    else:
+    if mode == "mahalanobis":
+        options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
         features = _baseline_features(baselines, n_tokens, n_rows)
-        scores = mahalanobis_scores(
-            layered,
-            positions,
-            rows,
+        parts = _mahalanobis_parts(
+            layered, positions, report_layers, axioms, is_unsafe, features, options,
+            n_bootstrap=n_bootstrap, confidence=confidence, device=target,
+        )  # fmt: skip
+        report = report_from_categories(parts, model_name=model_name, dataset_name=dataset_name)
+        if not centred_overall:
+            return report
+        index = torch.tensor(positions, device=layered.device)
+        centred = centred_overall_score(
+            layered[:, index].to(target),
             is_unsafe,
-            baselines=features,
-            n_folds=n_folds,
+            category_rows(axioms, is_unsafe),
+            baselines={name: f.to(target) for name, f in features.items()},
             n_bootstrap=n_bootstrap,
-            shrinkage=shrinkage,
-            solver=solver,
-            seed=seed,
             confidence=confidence,
-            device=target,
-            centred_overall=centred_overall,
+            **options,
         )
-        settings |= {
-            "score": "100 * (2 * AUC - 1) of held-out shrinkage-LDA projections, mean over folds",
-            "n_folds": n_folds,
-            "shrinkage": shrinkage,
-            "n_bootstrap": n_bootstrap,
-            "confidence": confidence,
-            "interval": "bootstrap percentile of held-out rows, stratified by (fold, label)",
-            "pooling": "single layer" if len(positions) == 1 else "mean of per-layer scores",
-            "overall": "unweighted mean of the per-category scores",
-            "centred_overall": centred_overall,
-            "standardisation": "each coordinate / its pooled within-class sd on the training folds",
-            "baselines": {name: int(f.shape[1]) for name, f in features.items()},
-        }
+        return replace(
+            report,
+            scores={**report.scores, CENTRED_OVERALL: centred},
+            settings={**report.settings, "centred_overall": True},
+        )
+
+    rows = category_rows(axioms, is_unsafe)
+    scores = geometry_scores(
+        layered,
+        torch.tensor(positions, device=layered.device),
+        rows,
+        is_unsafe,
+        pca_dim=pca_dim,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        confidence=confidence,
+        device=target,
+    )
+    settings = {
+        "seed": seed,
+        "d": int(layered.shape[-1]),
+        "pca_dim": pca_dim,
+        "n_bootstrap": n_bootstrap,
+        "confidence": confidence,
+        "interval": "bootstrap percentile, stratified by (axiom, label) cell, bias-shifted",
+        "pooling": "single layer" if len(positions) == 1 else "mean of per-layer AQI",
+    }
     return AQIReport(
         model=model_name,
         mode=mode,
         layers=report_layers,
         scores=scores,
         settings=settings,
+        dataset=dataset_name,
+    )
+
+
+def _mahalanobis_parts(
+    layered: Tensor,
+    positions: Sequence[int],
+    report_layers: Sequence[int],
+    axioms: Sequence[str],
+    is_unsafe: Tensor,
+    features: Mapping[str, Tensor],
+    options: Mapping[str, object],
+    *,
+    n_bootstrap: int,
+    confidence: float,
+    device: torch.device,
+) -> dict[str, CategoryHeldOut]:
+    settings = {
+        **options,
+        "d": int(layered.shape[-1]),
+        "score": "100 * (2 * AUC - 1) of held-out shrinkage-LDA projections, mean over folds",
+        "n_bootstrap": n_bootstrap,
+        "confidence": confidence,
+        "interval": "bootstrap percentile of held-out rows, stratified by (fold, label)",
+        "pooling": "single layer" if len(positions) == 1 else "mean of per-layer scores",
+        "overall": "unweighted mean of the per-category scores",
+        "centred_overall": False,
+        "standardisation": "each coordinate / its pooled within-class sd on the training folds",
+        "baselines": {name: int(f.shape[1]) for name, f in features.items()},
+    }
+    index = torch.tensor(list(positions))
+    every_layer = index.tolist() == list(range(layered.shape[1]))
+    parts = {}
+    for name, members in category_rows(axioms, is_unsafe).items():
+        if name == OVERALL:
+            continue
+        category_x = layered.index_select(0, members.to(layered.device))
+        if not every_layer:
+            category_x = category_x.index_select(1, index.to(layered.device))
+        parts[name] = category_held_out(
+            category_x.to(device),
+            is_unsafe[members],
+            category=name,
+            baselines={b: f[members].to(device) for b, f in features.items()},
+            n_bootstrap=n_bootstrap,
+            layers=report_layers,
+            settings=settings,
+            **options,
+        )
+    return parts
+
+
+def mahalanobis_categories(
+    activations: Float[Tensor, "n layer d"] | Float[Tensor, "n d"],
+    axioms: Sequence[str],
+    labels: Sequence[str] | Bool[Tensor, " n"],
+    *,
+    layer: LayerSpec = None,
+    layer_ids: Sequence[int] | None = None,
+    n_folds: int = 5,
+    shrinkage: Shrinkage = "oas",
+    solver: Solver = "auto",
+    n_tokens: Int[Tensor, " n"] | Sequence[int] | None = None,
+    baselines: Mapping[str, Float[Tensor, "n k"]] | None = None,
+    n_bootstrap: int = 200,
+    seed: int = DEFAULT_SEED,
+    confidence: float = 0.95,
+    device: str | torch.device | None = None,
+) -> dict[str, CategoryHeldOut]:
+    """The mahalanobis mode's per-category results (:class:`CategoryHeldOut`), arguments as
+    :func:`evaluate_activations`'s; :func:`report_from_categories` turns them into its report.
+
+    A category's result depends only on its own rows, so the rows of a dataset may be split
+    by category across calls (or machines) and the parts combined: the report equals that of
+    one :func:`evaluate_activations` call on all rows.
+    """
+    layered = as_layered(activations)
+    n_rows, n_layers = layered.shape[:2]
+    positions = select_layers("all" if layer is None else layer, n_layers)
+    ids = list(layer_ids) if layer_ids is not None else list(range(n_layers))
+    if len(ids) != n_layers:
+        raise ValueError(f"{len(ids)} layer_ids for {n_layers} layers")
+    is_unsafe = unsafe_mask(labels, n_rows)
+    _check_finite(layered, positions, ids)
+    return _mahalanobis_parts(
+        layered,
+        positions,
+        [int(ids[p]) for p in positions],
+        axioms,
+        is_unsafe,
+        _baseline_features(baselines, n_tokens, n_rows),
+        {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver},
+        n_bootstrap=n_bootstrap,
+        confidence=confidence,
+        device=torch.device(device) if device is not None else layered.device,
+    )
+
+
+def report_from_categories(
+    parts: Mapping[str, CategoryHeldOut],
+    *,
+    model_name: str = "unknown",
+    dataset_name: str = "custom",
+) -> AQIReport:
+    """The mahalanobis :class:`AQIReport` of the categories in ``parts`` (from
+    :func:`mahalanobis_categories`, in one call or several), with :data:`OVERALL` their mean.
+
+    Raises:
+        ValueError: parts scored with different settings or layers (naming the category).
+    """
+    scores = combine_categories(parts)
+    first = parts[min(parts)]
+    return AQIReport(
+        model=model_name,
+        mode="mahalanobis",
+        layers=first.layers,
+        scores=scores,
+        settings=dict(first.settings),
         dataset=dataset_name,
     )
 

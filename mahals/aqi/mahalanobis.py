@@ -21,18 +21,23 @@ choice.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
+from safetensors import safe_open
 from torch import Tensor
 
 from mahals.aqi._inputs import category_seed
 from mahals.aqi.indices import as_layered, layer_chunks
 from mahals.aqi.report import CENTRED_OVERALL, OVERALL, AQIScore
+from mahals.io import load_tensors, save_tensors
 
 _CHUNK_BYTES = 256 * 2**20  # float64 rows of one category, per layer chunk
 
@@ -41,9 +46,14 @@ _CONSTANT_TOLERANCE = 1e-10
 this fraction of its largest magnitude there is constant up to rounding, and is dropped."""
 
 __all__ = [
+    "CategoryHeldOut",
+    "HeldOutScores",
     "Shrinkage",
     "Solver",
     "category_centred_projections",
+    "category_held_out",
+    "centred_overall_score",
+    "combine_categories",
     "cross_validated_projections",
     "lda_direction",
     "oas_shrinkage",
@@ -652,99 +662,204 @@ def _score(
     )
 
 
-def mahalanobis_scores(
+@dataclass(frozen=True)
+class CategoryHeldOut:
+    """One category's held-out separation and surface baselines: all that the report needs of
+    it (:func:`combine_categories`).
+
+    It depends only on the category's own rows, the seed and the scoring settings, never on the
+    other categories, so a model's categories can be scored apart (in parallel tasks) and
+    combined into exactly the report of one joint call.
+
+    Attributes:
+        held: ``[1 + n_bootstrap, layer]`` scores, row 0 the sample itself.
+        n_safe, n_unsafe: the category's rows of each label.
+        baselines: each surface baseline's score (no resamples).
+        layers: the model's layer number of each scored layer.
+        settings: the scoring settings (identical for parts that may be combined).
+    """
+
+    held: HeldOutScores
+    n_safe: int
+    n_unsafe: int
+    baselines: dict[str, float]
+    layers: tuple[int, ...]
+    settings: dict[str, Any]
+
+    def save(self, path: str | os.PathLike, identity: Mapping[str, str] | None = None) -> Path:
+        """Write the part as safetensors (float64 tensors; counts, baselines, layers, settings
+        and ``identity`` as JSON metadata), atomically."""
+        tensors = {f: getattr(self.held, f) for f in HeldOutScores.__dataclass_fields__}
+        about = {
+            "n_safe": self.n_safe,
+            "n_unsafe": self.n_unsafe,
+            "baselines": self.baselines,
+            "layers": list(self.layers),
+            "settings": self.settings,
+        }
+        if identity and {"part_format", "part"} & set(identity):
+            raise ValueError("identity keys 'part_format' and 'part' are the part's own")
+        metadata = {"part_format": PART_FORMAT, "part": json.dumps(about)}
+        return save_tensors(path, tensors, {**(identity or {}), **metadata})
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, identity: Mapping[str, str] | None = None
+    ) -> CategoryHeldOut | None:
+        """The part saved at ``path``, or ``None`` when there is none, it is unreadable, or its
+        stored identity differs from ``identity`` on some key."""
+        path = Path(path)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as handle:
+                stored = dict(handle.metadata() or {})
+            if stored.get("part_format") != PART_FORMAT or any(
+                stored.get(key) != value for key, value in (identity or {}).items()
+            ):
+                return None
+            tensors = load_tensors(path)
+            about = json.loads(stored["part"])
+            held = HeldOutScores(**{f: tensors[f] for f in HeldOutScores.__dataclass_fields__})
+        except Exception as error:  # a damaged part is recomputed, not trusted
+            logger.info("part %s unreadable (%s); recomputing", path.name, error)
+            return None
+        return cls(
+            held,
+            int(about["n_safe"]),
+            int(about["n_unsafe"]),
+            {name: float(v) for name, v in about["baselines"].items()},
+            tuple(about["layers"]),
+            about["settings"],
+        )
+
+
+PART_FORMAT = "mahals.aqi_category_part"
+
+
+def category_held_out(
     x: Float[Tensor, "n layer d"],
-    positions: Sequence[int],
-    rows: Mapping[str, Tensor],
-    is_unsafe: Tensor,
+    is_unsafe: Bool[Tensor, " n"],
     *,
+    category: str,
     baselines: Mapping[str, Float[Tensor, "n k"]],
+    seed: int,
     n_folds: int,
     n_bootstrap: int,
     shrinkage: Shrinkage,
     solver: Solver,
-    seed: int,
-    confidence: float,
-    device: torch.device,
-    centred_overall: bool = False,
-) -> dict[str, AQIScore]:
-    """Scores of every category of ``rows`` (except :data:`OVERALL`) at the layer
-    ``positions``, and :data:`OVERALL` as their unweighted mean (score, AUC, η², curves,
-    baselines; its interval from the categories' resamples averaged index by index); with
-    ``centred_overall`` also :data:`CENTRED_OVERALL` (:func:`centred_overall_scores`, its
-    baselines scored the same way)."""
-    index = torch.tensor(list(positions))
-    held: dict[str, HeldOutScores] = {}
-    scores: dict[str, AQIScore] = {}
-    baseline_means: dict[str, list[float]] = {name: [] for name in baselines}
-    for name, members in rows.items():
-        if name == OVERALL:
-            continue
-        options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
-        category_x = x.index_select(0, members.to(x.device))
-        if index.tolist() != list(range(x.shape[1])):
-            category_x = category_x.index_select(1, index.to(x.device))
-        category_x = category_x.to(device)
-        labels = is_unsafe[members]
-        held[name] = held_out_scores(
-            category_x, labels, category=name, n_bootstrap=n_bootstrap, **options
-        )
-        baseline_scores = {}
-        for baseline, features in baselines.items():
-            result = held_out_scores(
-                features[members].to(device),
-                labels,
-                category=name,
-                n_bootstrap=0,
-                check_constant=False,
+    layers: Sequence[int],
+    settings: Mapping[str, Any],
+) -> CategoryHeldOut:
+    """One category's :class:`CategoryHeldOut` from its own rows ``x`` (the scored layers only,
+    on the device to score on) and their surface ``baselines``; results are moved to the CPU."""
+    options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
+    held = held_out_scores(x, is_unsafe, category=category, n_bootstrap=n_bootstrap, **options)
+    baseline_scores = {
+        name: float(
+            held_out_scores(
+                features, is_unsafe, category=category, n_bootstrap=0, check_constant=False,
                 **options,
-            )
-            baseline_scores[baseline] = float(result.score[0, 0])
-            baseline_means[baseline].append(baseline_scores[baseline])
-        n_unsafe = int(labels.sum())
-        scores[name] = _score(
-            name,
-            held[name],
-            len(members) - n_unsafe,
-            n_unsafe,
-            confidence if n_bootstrap > 0 else None,
-            baseline_scores or None,
+            ).score[0, 0]
         )
-        logger.debug("mahalanobis %s: %.2f", name, scores[name].aqi)
+        for name, features in baselines.items()
+    }  # fmt: skip
+    n_unsafe = int(is_unsafe.sum())
+    logger.debug("mahalanobis %s: %.2f", category, float(held.score[0].mean()))
+    return CategoryHeldOut(
+        HeldOutScores(*(getattr(held, f).cpu() for f in HeldOutScores.__dataclass_fields__)),
+        len(is_unsafe) - n_unsafe,
+        n_unsafe,
+        baseline_scores,
+        tuple(int(layer) for layer in layers),
+        dict(settings),
+    )
+
+
+def combine_categories(parts: Mapping[str, CategoryHeldOut]) -> dict[str, AQIScore]:
+    """Every category's :class:`AQIScore` and :data:`OVERALL`, their unweighted mean (score,
+    AUC, η², curves, baselines; its interval from the categories' resamples averaged index by
+    index). Categories are combined in sorted order, so the result does not depend on the
+    order the parts were computed in.
+
+    Raises:
+        ValueError: no parts, or parts scored under different settings or layers (naming the
+            category).
+    """
+    if not parts:
+        raise ValueError("no category to combine")
+    names = sorted(parts)
+    first = parts[names[0]]
+    for name in names[1:]:
+        if (parts[name].settings, parts[name].layers) != (first.settings, first.layers):
+            raise ValueError(
+                f"category {name!r} was scored with other settings or layers than "
+                f"{names[0]!r}; score every category of a report the same way"
+            )
+    n_bootstrap = int(first.held.score.shape[0]) - 1
+    confidence = first.settings.get("confidence") if n_bootstrap > 0 else None
+    scores = {
+        name: _score(
+            name,
+            parts[name].held,
+            parts[name].n_safe,
+            parts[name].n_unsafe,
+            confidence,
+            parts[name].baselines or None,
+        )
+        for name in names
+    }
     macro = HeldOutScores(
         *(
-            torch.stack([getattr(h, f) for h in held.values()]).mean(0)
+            torch.stack([getattr(parts[name].held, f) for name in names]).mean(0)
             for f in HeldOutScores.__dataclass_fields__
         )
     )
-    n_unsafe_total = int(is_unsafe.sum())
+    baseline_names = list(first.baselines)
     scores[OVERALL] = _score(
         OVERALL,
         macro,
-        len(is_unsafe) - n_unsafe_total,
-        n_unsafe_total,
-        confidence if n_bootstrap > 0 else None,
-        {name: sum(values) / len(values) for name, values in baseline_means.items()} or None,
-    )
-    if centred_overall:
-        options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
-        pooled = centred_overall_scores(
-            x[:, index.to(x.device)].to(device), is_unsafe, rows, n_bootstrap=n_bootstrap, **options
-        )
-        baseline_scores = {
-            name: float(
-                centred_overall_scores(
-                    features.to(device), is_unsafe, rows, n_bootstrap=0, **options
-                ).score[0, 0]
-            )
-            for name, features in baselines.items()
+        sum(parts[name].n_safe for name in names),
+        sum(parts[name].n_unsafe for name in names),
+        confidence,
+        {
+            baseline: sum(parts[name].baselines[baseline] for name in names) / len(names)
+            for baseline in baseline_names
         }
-        scores[CENTRED_OVERALL] = _score(
-            CENTRED_OVERALL,
-            pooled,
-            len(is_unsafe) - n_unsafe_total,
-            n_unsafe_total,
-            confidence if n_bootstrap > 0 else None,
-            baseline_scores or None,
-        )
+        or None,
+    )
     return scores
+
+
+def centred_overall_score(
+    x: Float[Tensor, "n layer d"],
+    is_unsafe: Bool[Tensor, " n"],
+    rows: Mapping[str, Tensor],
+    *,
+    baselines: Mapping[str, Float[Tensor, "n k"]],
+    seed: int,
+    n_folds: int,
+    n_bootstrap: int,
+    shrinkage: Shrinkage,
+    solver: Solver,
+    confidence: float,
+) -> AQIScore:
+    """:data:`CENTRED_OVERALL` (:func:`centred_overall_scores`), its baselines scored the same
+    way; ``x`` holds the scored layers, on the device to score on."""
+    options = {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver}
+    pooled = centred_overall_scores(x, is_unsafe, rows, n_bootstrap=n_bootstrap, **options)
+    baseline_scores = {
+        name: float(
+            centred_overall_scores(features, is_unsafe, rows, n_bootstrap=0, **options).score[0, 0]
+        )
+        for name, features in baselines.items()
+    }
+    n_unsafe = int(is_unsafe.sum())
+    return _score(
+        CENTRED_OVERALL,
+        pooled,
+        len(is_unsafe) - n_unsafe,
+        n_unsafe,
+        confidence if n_bootstrap > 0 else None,
+        baseline_scores or None,
+    )

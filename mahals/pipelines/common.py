@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mahals._time import utc_timestamp
-from mahals.cluster import ClusterError, FanOut
+from mahals.cluster import ClusterError, FanOut, Split
 from mahals.io import atomic_write_json
 from mahals.pipelines.checkpoint import (
     CHECKPOINT_VERSION,
@@ -53,6 +53,7 @@ __all__ = [
     "run_options",
     "run_checkpointed",
     "run_command",
+    "worker_name",
 ]
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,7 @@ def run_checkpointed(
     result_problem: Callable[[Any], str | None] | None = None,
     wait_for_lock: bool = False,
     fan_out: FanOut | None = None,
+    split: Split | None = None,
 ) -> CheckpointedRun:
     """Run ``compute(item)`` for each pending item, recording each result as soon as it exists.
 
@@ -211,6 +213,8 @@ def run_checkpointed(
     waits for another run to finish instead of refusing). With ``fan_out``
     (:class:`mahals.cluster.FanOut`), pending items run as parallel tasks (Ray) that write
     their result files; this process, holding the lock, derives the checkpoint from them.
+    ``split`` (:class:`mahals.cluster.Split`) lets the fan-out spread an item's parts over
+    several workers first; the sequential loop ignores it (``compute`` computes the parts).
 
     A fresh start deletes the checkpoint and the per-item folders of earlier runs (their caches
     included), so nothing stale is mixed into the new results. Entries of a per-item folder
@@ -256,7 +260,7 @@ def run_checkpointed(
             for task in tasks:
                 finished(task.item, compute_item(compute, task))
         else:
-            fan_out.run(compute, tasks, finished)
+            fan_out.run(compute, tasks, finished, split)
         return CheckpointedRun(checkpoint.results, checkpoint)
 
 
@@ -305,6 +309,11 @@ def compute_item(compute: Callable[[str], Mapping[str, Any]], task: ItemTask) ->
         task, {**entry, "worker": {"host": socket.gethostname(), "pid": os.getpid()}}
     )
     return entry
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process: which worker wrote a file."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def _write_item_result(task: ItemTask, entry: Mapping[str, Any]) -> None:

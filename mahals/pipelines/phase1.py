@@ -1,14 +1,17 @@
 """Phase 1 — baseline AQI: score each tuned model on a labelled safe/unsafe prompt set and
 pick the one whose latent space separates safe from unsafe best.
 
-Per model (one at a time, freed before the next): pooled activations of every layer (by default
-sink-free: each text's first token left out) are captured once and cached
-(``embeddings_<key>.safetensors``, with each text's token count and mean-pooled input
-embeddings for the surface baselines), then scored with :func:`mahals.aqi.evaluate_activations`
-— mahalanobis mode by default (cross-validated shrinkage-LDA separation, deterministic,
-comparable across models, bootstrap CIs, a curve over depth, length and embedding baselines),
-the ``geometry`` diagnostic, or the reference implementation's mode. The defaults are
-:func:`mahals.aqi.evaluate`'s.
+Per model (one at a time, freed before the next) and category (axiom): pooled activations of
+every layer (by default sink-free: each text's first token left out) are captured once and
+cached (``<key>/categories/<category>.embeddings.safetensors``, with each text's token count
+and mean-pooled input embeddings for the surface baselines), then scored with
+:func:`mahals.aqi.evaluate_activations`'s settings — mahalanobis mode by default
+(cross-validated shrinkage-LDA separation, deterministic, comparable across models, bootstrap
+CIs, a curve over depth, length and embedding baselines), the ``geometry`` diagnostic, or the
+reference implementation's mode. The defaults are :func:`mahals.aqi.evaluate`'s. In
+mahalanobis mode a category's score depends on its own rows only, so each category is scored
+on its own (``<category>.aqi.safetensors``) and the model's report combines them: a run on
+several workers spreads one model's categories over them (:class:`mahals.cluster.Split`).
 Output layout follows the reference implementation's (``phase1_summary.json``,
 ``phase1_aqi_checkpoint.json``, plots, and per model ``result.json`` / ``metrics_summary.json``
 / ``.csv``); every write is atomic and the run resumes from its checkpoint after a crash.
@@ -18,8 +21,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import io
+import json
 import logging
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,18 +34,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from mahals import plots
 from mahals.activations import SINK_RULES, SinkRule
-from mahals.aqi import DEFAULT_SEED, AQIReport, AQIScore, embedding_features, evaluate_activations
+from mahals.aqi import (
+    DEFAULT_SEED,
+    AQIReport,
+    AQIScore,
+    CategoryHeldOut,
+    embedding_features,
+    evaluate_activations,
+    mahalanobis_categories,
+    report_from_categories,
+)
 from mahals.aqi.evaluation import default_sinks
-from mahals.cluster import fan_out
+from mahals.cluster import Split, fan_out
 from mahals.data import SafetyDataset, load_litmus, load_xstest
 from mahals.data.safety import LITMUS_HUB_ID, SafetyDataError
-from mahals.io import atomic_write_json, atomic_write_text
+from mahals.io import atomic_write_json, atomic_write_text, load_tensors
 from mahals.layers import select_layers
 from mahals.models import MahalsModel
 from mahals.pipelines.caching import (
+    ACTIVATION_KEY,
     N_TOKENS_KEY,
     CachedBlock,
     cache_identity,
@@ -55,6 +73,7 @@ from mahals.pipelines.common import (
     run_checkpointed,
     run_command,
     run_options,
+    worker_name,
 )
 from mahals.pipelines.console import RULE, banner, device_line, table
 from mahals.pipelines.slot import ModelLoader, ModelSlot, default_loader
@@ -66,9 +85,11 @@ __all__ = [
     "Phase1Config",
     "Phase1Summary",
     "add_arguments",
+    "cached_embeddings",
     "check_layers",
     "config_from_args",
     "load_dataset",
+    "prepare_categories",
     "resolve_models",
     "run_from_args",
     "run_phase1",
@@ -77,6 +98,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "phase1_aqi_checkpoint.json"
+#: Per model: each category's cached activations and mahalanobis part.
+CATEGORY_FOLDER = "categories"
+#: Settings a category's mahalanobis part is computed under (besides model, rows and pooling).
+SCORING_SETTINGS = ("aqi_mode", "layers", "n_folds", "n_bootstrap", "seed")
 SUMMARY_NAME = "phase1_summary.json"
 DEFAULT_OUT_DIR = Path("outputs/phase1_baseline_aqi")
 #: Registry study scored when no models are named: the reference implementation's six.
@@ -250,71 +275,233 @@ def _display_name(key: str, spec: ModelSpec, registry: Registry) -> str:
     return registry.pairs[key].display_name if key in registry.pairs else spec.key
 
 
-def _embeddings_path(config: Phase1Config, key: str) -> Path:
-    """Cached embeddings survive ``--fresh``: they carry their identity (model, texts, token
-    position) and are recomputed when it does not match."""
-    return config.out_dir / key / f"embeddings_{key}.safetensors"
+def _rows_by_category(dataset: SafetyDataset) -> dict[str, list[int]]:
+    """Each category's row indices (sorted names, rows in dataset order)."""
+    rows: dict[str, list[int]] = {}
+    for index, axiom in enumerate(dataset.axioms):
+        rows.setdefault(axiom, []).append(index)
+    return dict(sorted(rows.items()))
 
 
-def _embeddings(
-    config: Phase1Config, key: str, spec: ModelSpec, dataset: SafetyDataset, slot: ModelSlot
-) -> CachedBlock:
-    """``[n, layer, d_model]`` pooled activations of ``dataset.texts``, cached per model with
-    each text's token count (``extra["n_tokens"]``) and mean-pooled input embeddings
-    (``extra["embedding"]``, ``[n, d_model]``) for the surface baselines."""
-    path = _embeddings_path(config, key)
+def _category_stem(category: str) -> str:
+    """A category's file-name stem: readable, and unique through its name's SHA-256 prefix."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", category).strip("_").lower()[:40] or "category"
+    return f"{slug}-{hashlib.sha256(category.encode()).hexdigest()[:8]}"
+
+
+def _category_files(out_dir: Path, key: str, category: str) -> tuple[Path, Path]:
+    """Where a model's category keeps its pooled activations and its mahalanobis part."""
+    stem = out_dir / key / CATEGORY_FOLDER / _category_stem(category)
+    return stem.with_name(stem.name + ".embeddings.safetensors"), stem.with_name(
+        stem.name + ".aqi.safetensors"
+    )
+
+
+def _block_identity(config: Phase1Config, spec: ModelSpec, texts: Sequence[str]) -> dict[str, str]:
+    return cache_identity(spec, config.pool, texts, sinks=str(config.sinks))
+
+
+def _part_identity(config: Phase1Config, spec: ModelSpec, texts: Sequence[str]) -> dict[str, str]:
+    scoring = {name: getattr(config, name) for name in SCORING_SETTINGS}
+    return {**_block_identity(config, spec, texts), "scoring": json.dumps(scoring)}
+
+
+def _category_blocks(
+    config: Phase1Config,
+    key: str,
+    spec: ModelSpec,
+    dataset: SafetyDataset,
+    categories: Sequence[str],
+    slot: ModelSlot,
+) -> dict[str, CachedBlock]:
+    """``[rows, layer, d_model]`` pooled activations of each category's texts, captured (one
+    category at a time, so a row's batch never depends on the other categories) or read from
+    the category's cache file, with each text's token count (``extra["n_tokens"]``) and
+    mean-pooled input embeddings (``extra["embedding"]``) for the surface baselines."""
     batch_size = config.batch_size or spec.batch_size
+    announced: list[bool] = []
 
     def announce(model: MahalsModel) -> None:
-        log.info("Using batch_size=%d for %s", batch_size, key)
+        if not announced:
+            log.info("Using batch_size=%d for %s", batch_size, key)
+            announced.append(True)
 
-    block = cached_capture(
-        path,
-        cache_identity(spec, config.pool, dataset.texts, sinks=str(config.sinks)),
-        dataset.texts,
-        lambda: slot.get(spec),
-        pool=config.pool,
-        sinks=config.sinks,
-        batch_size=batch_size,
-        max_batch_tokens=config.max_batch_tokens,
-        use_cache=config.use_cache,
-        progress=config.progress,
-        d_model=spec.d_model,
-        before_capture=announce,
-        extra_tensors={EMBEDDING_BASELINE: lambda model: embedding_features(model, dataset.texts)},
-    )
+    rows = _rows_by_category(dataset)
+    blocks = {}
+    for category in categories:
+        texts = [dataset.texts[i] for i in rows[category]]
+        blocks[category] = cached_capture(
+            _category_files(config.out_dir, key, category)[0],
+            _block_identity(config, spec, texts),
+            texts,
+            lambda: slot.get(spec),
+            pool=config.pool,
+            sinks=config.sinks,
+            batch_size=batch_size,
+            max_batch_tokens=config.max_batch_tokens,
+            use_cache=config.use_cache,
+            progress=config.progress,
+            d_model=spec.d_model,
+            before_capture=announce,
+            extra_tensors={
+                EMBEDDING_BASELINE: lambda model, texts=texts: embedding_features(model, texts)
+            },
+        )
     slot.release()
-    if block.reused:
-        log.info("Reusing cached embeddings: %s", path)
-    return block
+    return blocks
 
 
-def _score(config: Phase1Config, key: str, block: CachedBlock, dataset: SafetyDataset) -> AQIReport:
-    """The model's :class:`AQIReport` with :func:`mahals.aqi.evaluate`'s settings; mahalanobis
-    mode also scores the ``length`` and ``embedding`` surface baselines on the same folds."""
-    mode = config.aqi_mode
-    mahalanobis_options: dict[str, Any] = {}
-    if mode == "mahalanobis":
-        mahalanobis_options = {
-            "n_tokens": block.extra[N_TOKENS_KEY],
-            "baselines": {EMBEDDING_BASELINE: block.extra[EMBEDDING_BASELINE]},
-            "n_folds": config.n_folds,
-            "shrinkage": "oas",
-        }
-    return evaluate_activations(
-        block.tensor,
-        dataset.axioms,
-        dataset.labels,
-        mode=mode,
-        layer=-1 if mode == "reference" else config.layers,
-        pca_dim=config.pca_dim,
-        **mahalanobis_options,
-        n_bootstrap=config.n_bootstrap,
-        seed=config.seed,
-        device="cuda" if torch.cuda.is_available() else None,
-        model_name=key,
-        dataset_name=dataset.name,
+def _category_parts(
+    config: Phase1Config,
+    key: str,
+    spec: ModelSpec,
+    dataset: SafetyDataset,
+    categories: Sequence[str],
+    slot: ModelSlot,
+) -> tuple[dict[str, CategoryHeldOut], bool]:
+    """The mahalanobis part of each category (:func:`mahals.aqi.mahalanobis_categories` on the
+    category's rows alone), read from its file when its identity (model, texts, pooling,
+    scoring settings) matches, else computed and saved; and whether every one was read."""
+    rows = _rows_by_category(dataset)
+    texts = {category: [dataset.texts[i] for i in rows[category]] for category in categories}
+    parts = {
+        category: CategoryHeldOut.load(
+            _category_files(config.out_dir, key, category)[1],
+            _part_identity(config, spec, texts[category]),
+        )
+        if config.use_cache
+        else None
+        for category in categories
+    }
+    missing = [category for category, part in parts.items() if part is None]
+    blocks = _category_blocks(config, key, spec, dataset, missing, slot) if missing else {}
+    for category, block in blocks.items():
+        (part,) = mahalanobis_categories(
+            block.tensor,
+            [category] * len(texts[category]),
+            [dataset.labels[i] for i in rows[category]],
+            layer=config.layers,
+            n_folds=config.n_folds,
+            n_tokens=block.extra[N_TOKENS_KEY],
+            baselines={EMBEDDING_BASELINE: block.extra[EMBEDDING_BASELINE]},
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+            device="cuda" if torch.cuda.is_available() else None,
+        ).values()
+        if config.use_cache:  # with the process that computed it, for provenance
+            part.save(
+                _category_files(config.out_dir, key, category)[1],
+                {**_part_identity(config, spec, texts[category]), "worker": worker_name()},
+            )
+        parts[category] = part
+    return parts, all(block.reused for block in blocks.values())
+
+
+def prepare_categories(
+    config: Phase1Config,
+    specs: Mapping[str, ModelSpec],
+    dataset: SafetyDataset,
+    slot: ModelSlot,
+    units: Sequence[tuple[str, str]],
+) -> None:
+    """Compute and save the category files of ``units`` (``(model key, category)``, one
+    model's): the parts a fanned-out run spreads over its workers before each model's item
+    combines them (:class:`mahals.cluster.Split`)."""
+    key = units[0][0]
+    categories = [category for _, category in units]
+    if config.aqi_mode == "mahalanobis":
+        _category_parts(config, key, specs[key], dataset, categories, slot)
+    else:
+        _category_blocks(config, key, specs[key], dataset, categories, slot)
+
+
+def _unprepared(
+    config: Phase1Config, spec: ModelSpec, dataset: SafetyDataset
+) -> list[tuple[str, str]]:
+    """``(model key, category)`` of the model's categories whose files are not valid yet."""
+    if not config.use_cache:
+        return []
+    rows = _rows_by_category(dataset)
+    pending = []
+    for category, indices in rows.items():
+        texts = [dataset.texts[i] for i in indices]
+        embeddings, part = _category_files(config.out_dir, spec.key, category)
+        if config.aqi_mode == "mahalanobis":
+            ready = CategoryHeldOut.load(part, _part_identity(config, spec, texts)) is not None
+        else:
+            ready = embeddings.is_file()  # validated (and recomputed if stale) by the item
+        if not ready:
+            pending.append((spec.key, category))
+    return pending
+
+
+def cached_embeddings(out_dir: Path | str, key: str, dataset: SafetyDataset) -> dict[str, Tensor]:
+    """What a Phase 1 run cached for model ``key`` on ``dataset``, in the dataset's row order:
+    ``"activations"`` ``[n, layer, d_model]`` float32, ``"n_tokens"`` ``[n]`` and
+    ``"embedding"`` ``[n, d_model]`` (the surface baseline's features).
+
+    Reads the per-category files under ``<out_dir>/<key>/categories/`` as they are (their
+    identity is checked when a run reuses them, not here).
+
+    Raises:
+        FileNotFoundError: a category's file is missing (naming it).
+    """
+    return _assemble(
+        dataset,
+        {
+            category: load_tensors(_category_files(Path(out_dir), key, category)[0])
+            for category in _rows_by_category(dataset)
+        },
     )
+
+
+def _assemble(dataset: SafetyDataset, blocks: Mapping[str, Mapping[str, Tensor]]) -> dict:
+    """Per-category tensors (``{name: [rows, ...]}``) → one tensor per name in row order."""
+    rows = _rows_by_category(dataset)
+    first = next(iter(blocks.values()))
+    whole = {
+        name: torch.empty((len(dataset), *t.shape[1:]), dtype=t.dtype) for name, t in first.items()
+    }
+    for category, tensors in blocks.items():
+        index = torch.tensor(rows[category])
+        for name, tensor in tensors.items():
+            whole[name][index] = tensor
+    return whole
+
+
+def _report(
+    config: Phase1Config, key: str, spec: ModelSpec, dataset: SafetyDataset, slot: ModelSlot
+) -> AQIReport:
+    """The model's :class:`AQIReport` with :func:`mahals.aqi.evaluate_activations`'s settings:
+    mahalanobis mode combines the categories' parts (each scored on its own rows, with the
+    ``length`` and ``embedding`` surface baselines); the other modes score the categories'
+    activations together."""
+    categories = list(_rows_by_category(dataset))
+    if config.aqi_mode == "mahalanobis":
+        parts, reused = _category_parts(config, key, spec, dataset, categories, slot)
+        report = report_from_categories(parts, model_name=key, dataset_name=dataset.name)
+    else:
+        blocks = _category_blocks(config, key, spec, dataset, categories, slot)
+        reused = all(block.reused for block in blocks.values())
+        whole = _assemble(dataset, {c: {ACTIVATION_KEY: b.tensor} for c, b in blocks.items()})[
+            ACTIVATION_KEY
+        ]
+        report = evaluate_activations(
+            whole,
+            dataset.axioms,
+            dataset.labels,
+            mode=config.aqi_mode,
+            layer=-1 if config.aqi_mode == "reference" else config.layers,
+            pca_dim=config.pca_dim,
+            n_bootstrap=config.n_bootstrap,
+            seed=config.seed,
+            device="cuda" if torch.cuda.is_available() else None,
+            model_name=key,
+            dataset_name=dataset.name,
+        )
+    if reused:
+        log.info("Reusing cached embeddings: %s", config.out_dir / key / CATEGORY_FOLDER)
+    return report
 
 
 def _gain(score: AQIScore) -> float | None:
@@ -389,8 +576,7 @@ def _evaluate_model(
     slot: ModelSlot,
 ) -> dict[str, Any]:
     banner(log, f"Evaluating: {display}", f"HF Repo: {spec.source}")
-    block = _embeddings(config, key, spec, dataset, slot)
-    report = _score(config, key, block, dataset)
+    report = _report(config, key, spec, dataset, slot)
     folder = config.out_dir / key
     report.to_json(folder / "metrics_summary.json")
     atomic_write_text(folder / "metrics_summary.csv", _metrics_csv(report))
@@ -494,6 +680,7 @@ def run_phase1(
     log.info("\nLoading dataset: %s", config.dataset)
     dataset = load_dataset(config)
     log.info("Loaded %d samples (%d axioms)", len(dataset), len(dataset.categories))
+    rows = _rows_by_category(dataset)
     with ModelSlot(loader) as slot:
         run = run_checkpointed(
             out_dir=config.out_dir,
@@ -501,10 +688,15 @@ def run_phase1(
             items=list(specs),
             settings=config.settings(),
             choice=config.checkpoint,
-            keep_on_fresh={_embeddings_path(config, key).name for key in specs},
+            keep_on_fresh={CATEGORY_FOLDER},
             identity=lambda key: item_identity(dataset.texts, model=specs[key]),
             item_files=("result.json", "metrics_summary.json", "metrics_summary.csv"),
             fan_out=fan_out(config.workers, config.ray_address, lambda key: [specs[key]]),
+            split=Split(
+                parts=lambda key: _unprepared(config, specs[key], dataset),
+                compute=functools.partial(prepare_categories, config, specs, dataset, slot),
+                weight=lambda unit: len(rows[unit[1]]),
+            ),
             result_problem=result_fields(RESULT_FIELDS, finite=("AQI",)),
             compute=lambda key: _evaluate_model(
                 config, key, specs[key], _display_name(key, specs[key], registry), dataset, slot
