@@ -343,6 +343,47 @@ def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]) -
             handle.remove()
 
 
+@contextmanager
+def _writing(
+    model: MahalsModel, writers: dict[int, list[Intervention]], prompt: Batch
+) -> Iterator[None]:
+    """Apply ``writers`` on every forward pass of a generation while the block runs.
+
+    A generate trace reads nothing inside the model, so its edits are forward hooks rather
+    than trace-body writes: a body write costs each steered layer two switches into and out
+    of nnsight's worker on every decoding step, a hook one Python call. The hook runs when
+    nnsight's controller has returned the layer's output (the value a body write edits) and
+    writes the same way (in place, see :func:`_apply`), so the tokens are the same. The *k*-th
+    call of a layer's hook is the prompt pass (*k* = 0) or decoding step *k*.
+    """
+    if not writers:
+        yield
+        return
+    blocks = model.adapter.decoder_layers(model.hf)
+    visits = dict.fromkeys(writers, 0)
+    latest: list = [0, prompt]  # [step, batch]: one Batch per step, shared by its layers
+
+    def hook(layer: int, layer_writers: list[Intervention]) -> Callable:
+        def write(_module, _args, output) -> None:
+            step = visits[layer]
+            visits[layer] = step + 1
+            if latest[0] != step:
+                latest[:] = step, prompt.decoding_step(step)
+            _apply(model, layer_writers, layer, output, latest[1])
+
+        return write
+
+    handles = [
+        blocks[layer].register_forward_hook(hook(layer, writers[layer]))
+        for layer in sorted(writers)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _read_held(
     reader: LayerReader, layers: Sequence[int], hiddens: list[Tensor], batch: Batch
 ) -> list[Tensor]:
@@ -441,10 +482,10 @@ def generate(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     prompt = Batch.pad(sequences, pad_id=pad_id or 0, side="left", device=model.device)
-    envoys = model.layers
     with (
         torch.inference_mode(),
         warnings.catch_warnings(),
+        _writing(model, writers, prompt),
         model.nn.generate(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -452,17 +493,11 @@ def generate(
             **generate_kwargs,
         ) as tracer,
     ):
-        # nnsight warns that an open `iter[:]` loop was cut short when generation ends: that is
-        # how every generation with an edit on all steps ends.
+        # As before edits moved to hooks (when an open ``iter[:]`` loop ended every steered
+        # generation and nnsight warned about it): nnsight's UserWarnings stay silenced.
         warnings.simplefilter("ignore", UserWarning)
         with tracer.invoke(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask):
-            if writers:
-                for step in tracer.iter[:]:
-                    batch = prompt if step == 0 else prompt.decoding_step(step)
-                    for layer in sorted(writers):
-                        _apply(model, writers[layer], layer, envoys[layer].output, batch)
-        # Code after an open iter[:] loop in the same invoke never runs: read the result in its
-        # own invoke.
+            pass
         with tracer.invoke():
             output = tracer.result.save()
     new_tokens = output[:, prompt.input_ids.shape[1] :].tolist()
