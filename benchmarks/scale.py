@@ -7,9 +7,10 @@ Three experiments (``--only`` picks some):
               (same seed) dispatched with ``device_map="auto"`` over two GPUs: pooled capture
               (mean, last), steered capture, greedy steered generation and answer log-probs
               must agree to bf16 rounding. Prints the largest relative differences.
-* ``fanout``  Phase 1 sanity for several 7–9B shapes (random weights): the sequential run on
-              one GPU, then through Ray with one task per model on ``--gpus`` GPUs. Weight
-              creation is timed separately (each task records it) and reported apart.
+* ``fanout``  Phase 1 sanity for the study's six 7–9B shapes (random weights): the sequential
+              run on one GPU, then through Ray on ``--gpus`` GPUs (one long-lived worker per
+              GPU; each model's categories spread over them). Start-up and weight creation are
+              timed apart and reported with the walls.
 * ``big``     a Llama-3.1-70B-shape model (real config, random bf16), created on the meta
               device and materialised directly on the GPUs of its device map (never on the
               CPU): capture of all 80 layers, tokens/s and the ratio to a decoder-only forward
