@@ -255,9 +255,11 @@ def test_per_block_alpha_steers_the_rows_of_its_block_and_refuses_a_ragged_batch
     before = generate(tiny_model, ids + ids[:1], max_new_tokens=3).token_ids
     blocks = tiny_model.adapter.decoder_layers(tiny_model.hf)
     hooks = [dict(block._forward_hooks) for block in blocks]
-    with steer(tiny_model, Steering(vector, alpha=(0.0, 2.0))):  # generation edits in hooks
-        with pytest.raises(ValueError, match="3 rows cannot be split into the 2 row blocks"):
-            generate(tiny_model, ids + ids[:1], max_new_tokens=3)
+    with (
+        steer(tiny_model, Steering(vector, alpha=(0.0, 2.0))),  # generation edits in hooks
+        pytest.raises(ValueError, match="3 rows cannot be split into the 2 row blocks"),
+    ):
+        generate(tiny_model, ids + ids[:1], max_new_tokens=3)
     assert [dict(block._forward_hooks) for block in blocks] == hooks, "a steering hook leaked"
     assert generate(tiny_model, ids + ids[:1], max_new_tokens=3).token_ids == before
     v = vector.vectors[0].double()
