@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +107,29 @@ def test_sweep_reruns_are_bit_identical_and_anchor_points_are_exact(setup, tiny_
         assert (first.out_dir / PAIR / name).is_file()
     record = _stable(first.summary_path)["data"][PAIR]
     assert record["eval_source_rows"][0] >= N_EXTRACT
+
+
+def test_sweep_on_ray_workers_equals_the_sequential_sweep(setup, tiny_tokenizer):
+    """λ blocks (one pair and side each) as tasks on two Ray workers: the same points, files
+    and generations as the sequential run."""
+    ray = pytest.importorskip("ray")
+    root, registry, data = setup
+    sequential = _run(_config(root, data, "seq", controls=("random",)), registry, tiny_tokenizer)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # _loader, to the workers
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        config = _config(root, data, "ray", controls=("random",), workers=2)
+        parallel = _run(config, registry, tiny_tokenizer)
+    finally:
+        ray.shutdown()
+    assert _stable(parallel.summary_path)["pairs"] == _stable(sequential.summary_path)["pairs"]
+    for item in sequential.results:
+        for name in ("result.json", "generations.jsonl"):
+            assert (parallel.out_dir / item / name).read_text() == (
+                sequential.out_dir / item / name
+            ).read_text(), f"{item}/{name}"
+        worker = json.loads((parallel.out_dir / item / "item_result.json").read_text())["worker"]
+        assert worker["pid"] != os.getpid(), f"{item} ran in the driver"
 
 
 def test_rows_used_to_extract_are_refused_naming_the_count(setup, tiny_tokenizer):

@@ -563,7 +563,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     ``args.workers`` / ``args.ray_address``."""
     parser.add_argument(
         "--workers", type=_positive_int,
-        help="items computed in parallel as Ray tasks, each reserving the GPUs its model needs "
+        help="Ray workers computing items in parallel, each reserving the GPUs a model needs "
         "(default 1: one after another, no Ray; with --ray-address: as many as the cluster holds)",
     )  # fmt: skip
     parser.add_argument(

@@ -155,8 +155,8 @@ class Phase1Config:
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
         wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
-        workers: models scored in parallel as Ray tasks (:mod:`mahals.cluster`); ``None``/1 =
-            one after another in this process.
+        workers: Ray workers scoring the models in parallel, each model's categories spread
+            over them (:mod:`mahals.cluster`); ``None``/1 = one after another in this process.
         ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """
 

@@ -127,7 +127,7 @@ class Phase2Config:
             resume otherwise.
         progress: progress bars (``None``: on a terminal only).
         wait_for_lock: when another run writes to ``out_dir``, wait for it (else refuse).
-        workers: pairs extracted in parallel as Ray tasks (:mod:`mahals.cluster`); ``None``/1 =
+        workers: pairs extracted in parallel on Ray workers (:mod:`mahals.cluster`); ``None``/1 =
             one after another in this process.
         ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """

@@ -119,7 +119,7 @@ class Phase22Config:
             point of a group; 1: one λ at a time). Results agree to float rounding.
         max_batch_tokens: padded tokens per forward over all blocks (bounds memory).
         max_generate_tokens: prompt + generated tokens per generation batch over all blocks.
-        workers: λ blocks (one pair and side each) run in parallel as Ray tasks
+        workers: λ blocks (one pair and side each) run in parallel on Ray workers
             (:mod:`mahals.cluster`); ``None``/1 = one after another in this process.
         ray_address: an existing Ray cluster to run them on (``"auto"`` or its address).
     """
