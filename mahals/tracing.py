@@ -326,62 +326,53 @@ def run_trace(
 
 
 @contextmanager
-def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]) -> Iterator[None]:
+def _block_hooks(model: MahalsModel, hooks: dict[int, Callable]) -> Iterator[None]:
+    """Forward hooks ``{layer: hook(module, args, output)}`` on the decoder blocks while the
+    block runs; they run after nnsight's controller has returned each layer's output."""
+    blocks = model.adapter.decoder_layers(model.hf)
+    handles = [blocks[layer].register_forward_hook(hooks[layer]) for layer in sorted(hooks)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]):
     """Append the residual-stream output of each of ``layers`` to ``outputs`` (in forward
     order) while the block runs."""
-    blocks = model.adapter.decoder_layers(model.hf)
     unwrap = model.adapter.unwrap
 
     def hold(_module, _args, output) -> None:
         outputs.append(unwrap(output))
 
-    handles = [blocks[layer].register_forward_hook(hold) for layer in layers]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _block_hooks(model, dict.fromkeys(layers, hold))
 
 
-@contextmanager
-def _writing(
-    model: MahalsModel, writers: dict[int, list[Intervention]], prompt: Batch
-) -> Iterator[None]:
+def _writing(model: MahalsModel, writers: dict[int, list[Intervention]], prompt: Batch):
     """Apply ``writers`` on every forward pass of a generation while the block runs.
 
     A generate trace reads nothing inside the model, so its edits are forward hooks rather
     than trace-body writes: a body write costs each steered layer two switches into and out
-    of nnsight's worker on every decoding step, a hook one Python call. The hook runs when
-    nnsight's controller has returned the layer's output (the value a body write edits) and
+    of nnsight's worker on every decoding step, a hook one Python call. The hook sees the
+    layer's output as nnsight's controller returned it (the value a body write edits) and
     writes the same way (in place, see :func:`_apply`), so the tokens are the same. The *k*-th
     call of a layer's hook is the prompt pass (*k* = 0) or decoding step *k*.
     """
-    if not writers:
-        yield
-        return
-    blocks = model.adapter.decoder_layers(model.hf)
     visits = dict.fromkeys(writers, 0)
     latest: list = [0, prompt]  # [step, batch]: one Batch per step, shared by its layers
 
-    def hook(layer: int, layer_writers: list[Intervention]) -> Callable:
+    def hook(layer: int) -> Callable:
         def write(_module, _args, output) -> None:
             step = visits[layer]
             visits[layer] = step + 1
             if latest[0] != step:
                 latest[:] = step, prompt.decoding_step(step)
-            _apply(model, layer_writers, layer, output, latest[1])
+            _apply(model, writers[layer], layer, output, latest[1])
 
         return write
 
-    handles = [
-        blocks[layer].register_forward_hook(hook(layer, writers[layer]))
-        for layer in sorted(writers)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _block_hooks(model, {layer: hook(layer) for layer in writers})
 
 
 def _read_held(
@@ -493,12 +484,8 @@ def generate(
             **generate_kwargs,
         ) as tracer,
     ):
-        # As before edits moved to hooks (when an open ``iter[:]`` loop ended every steered
-        # generation and nnsight warned about it): nnsight's UserWarnings stay silenced.
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # nnsight's, not the caller's concern
         with tracer.invoke(input_ids=prompt.input_ids, attention_mask=prompt.attention_mask):
-            pass
-        with tracer.invoke():
             output = tracer.result.save()
     new_tokens = output[:, prompt.input_ids.shape[1] :].tolist()
     eos = _eos_ids(model)
