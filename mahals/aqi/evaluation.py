@@ -108,6 +108,25 @@ def _check_finite(layered: Tensor, positions: Sequence[int], layer_ids: Sequence
             )
 
 
+def _checked_inputs(
+    activations: Tensor,
+    labels: Sequence[str] | Tensor,
+    layer: LayerSpec,
+    layer_ids: Sequence[int] | None,
+) -> tuple[Tensor, list[int], tuple[int, ...], Tensor]:
+    """``[n, layer, d]`` activations, the selected positions on their layer axis, the model's
+    layer number of each, and the unsafe mask; non-finite values and degenerate layers refused."""
+    layered = as_layered(activations)
+    n_rows, n_layers = layered.shape[:2]
+    positions = select_layers(layer, n_layers)
+    ids = list(layer_ids) if layer_ids is not None else list(range(n_layers))
+    if len(ids) != n_layers:
+        raise ValueError(f"{len(ids)} layer_ids for {n_layers} layers")
+    is_unsafe = unsafe_mask(labels, n_rows)
+    _check_finite(layered, positions, ids)
+    return layered, positions, tuple(int(ids[p]) for p in positions), is_unsafe
+
+
 def _baseline_features(
     baselines: Mapping[str, Tensor] | None, n_tokens: Tensor | Sequence[int] | None, n: int
 ) -> dict[str, Tensor]:
@@ -189,17 +208,12 @@ def evaluate_activations(
         device: where the metrics run (default: the activations' device).
     """
     mode = _resolve_mode(mode)
-    layered = as_layered(activations)
-    n_rows, n_layers = layered.shape[:2]
     if layer is None:
         layer = -1 if mode == "reference" else "all"
-    positions = select_layers(layer, n_layers)
-    ids = list(layer_ids) if layer_ids is not None else list(range(n_layers))
-    if len(ids) != n_layers:
-        raise ValueError(f"{len(ids)} layer_ids for {n_layers} layers")
-    report_layers = tuple(int(ids[p]) for p in positions)
-    is_unsafe = unsafe_mask(labels, n_rows)
-    _check_finite(layered, positions, ids)
+    layered, positions, report_layers, is_unsafe = _checked_inputs(
+        activations, labels, layer, layer_ids
+    )
+    n_rows = len(is_unsafe)
 
     if mode == "reference":
         if len(positions) != 1:
@@ -337,21 +351,16 @@ def mahalanobis_categories(
     by category across calls (or machines) and the parts combined: the report equals that of
     one :func:`evaluate_activations` call on all rows.
     """
-    layered = as_layered(activations)
-    n_rows, n_layers = layered.shape[:2]
-    positions = select_layers("all" if layer is None else layer, n_layers)
-    ids = list(layer_ids) if layer_ids is not None else list(range(n_layers))
-    if len(ids) != n_layers:
-        raise ValueError(f"{len(ids)} layer_ids for {n_layers} layers")
-    is_unsafe = unsafe_mask(labels, n_rows)
-    _check_finite(layered, positions, ids)
+    layered, positions, report_layers, is_unsafe = _checked_inputs(
+        activations, labels, "all" if layer is None else layer, layer_ids
+    )
     return _mahalanobis_parts(
         layered,
         positions,
-        [int(ids[p]) for p in positions],
+        report_layers,
         axioms,
         is_unsafe,
-        _baseline_features(baselines, n_tokens, n_rows),
+        _baseline_features(baselines, n_tokens, layered.shape[0]),
         {"seed": seed, "n_folds": n_folds, "shrinkage": shrinkage, "solver": solver},
         n_bootstrap=n_bootstrap,
         confidence=confidence,
