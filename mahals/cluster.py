@@ -227,9 +227,11 @@ class FanOut:
         )
         cpus = task_cpus(gpus, cpus_per_gpu)
         capacity = sum(
-            min(int(node.get("CPU", 0)) // cpus, int(node.get("GPU", 0)) // gpus if gpus else 1 << 30)
+            int(node.get("CPU", 0)) // cpus
+            if not gpus
+            else min(int(node.get("CPU", 0)) // cpus, int(node.get("GPU", 0)) // gpus)
             for node in nodes
-        )  # fmt: skip
+        )
         if capacity < 1:
             raise ClusterError(f"no Ray node can hold a worker of {gpus} GPU(s) and {cpus} CPU(s)")
         slots = min(self.workers or capacity, capacity)
@@ -247,15 +249,15 @@ class FanOut:
         part_queue = [(name, parts) for name in groups for parts in part_groups.get(name, [])]
         item_queue = [name for name in groups if name not in part_groups]
         outstanding = {name: len(parts) for name, parts in part_groups.items()}
+        n_workers = min(slots, len(part_queue) + len(item_queue))
         log.info(
             "Ray: %d worker(s) of %d GPU(s) and %d CPU(s) for %d item(s) in %d task(s)%s",
-            min(slots, len(part_queue) + len(item_queue)), gpus, cpus, len(tasks), len(groups),
+            n_workers, gpus, cpus, len(tasks), len(groups),
             f", first {len(part_queue)} part task(s)" if part_queue else "",
         )  # fmt: skip
         worker_class = ray.remote(_Worker)
         workers = [
-            worker_class.options(num_gpus=gpus, num_cpus=cpus).remote()
-            for _ in range(min(slots, len(part_queue) + len(item_queue)))
+            worker_class.options(num_gpus=gpus, num_cpus=cpus).remote() for _ in range(n_workers)
         ]
         item_function = ray.put(functools.partial(_run_group, compute))
         part_function = ray.put(split.compute) if split is not None else None
@@ -270,9 +272,8 @@ class FanOut:
                         in_flight[ref] = ("item", name, worker)
                     else:
                         name, parts = part_queue.pop(0)
-                        in_flight[ref := worker.call.remote(part_function, parts)] = (
-                            "parts", name, worker,
-                        )  # fmt: skip
+                        ref = worker.call.remote(part_function, parts)
+                        in_flight[ref] = ("parts", name, worker)
                 done, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in done:
                     kind, name, worker = in_flight.pop(ref)
