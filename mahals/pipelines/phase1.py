@@ -289,12 +289,10 @@ def _category_stem(category: str) -> str:
     return f"{slug}-{hashlib.sha256(category.encode()).hexdigest()[:8]}"
 
 
-def _category_files(out_dir: Path, key: str, category: str) -> tuple[Path, Path]:
-    """Where a model's category keeps its pooled activations and its mahalanobis part."""
-    stem = out_dir / key / CATEGORY_FOLDER / _category_stem(category)
-    return stem.with_name(stem.name + ".embeddings.safetensors"), stem.with_name(
-        stem.name + ".aqi.safetensors"
-    )
+def _category_file(out_dir: Path, key: str, category: str, kind: str) -> Path:
+    """Where a model's category keeps its pooled activations (``kind="embeddings"``) or its
+    mahalanobis part (``"aqi"``)."""
+    return out_dir / key / CATEGORY_FOLDER / f"{_category_stem(category)}.{kind}.safetensors"
 
 
 def _block_identity(config: Phase1Config, spec: ModelSpec, texts: Sequence[str]) -> dict[str, str]:
@@ -331,7 +329,7 @@ def _category_blocks(
     for category in categories:
         texts = [dataset.texts[i] for i in rows[category]]
         blocks[category] = cached_capture(
-            _category_files(config.out_dir, key, category)[0],
+            _category_file(config.out_dir, key, category, "embeddings"),
             _block_identity(config, spec, texts),
             texts,
             lambda: slot.get(spec),
@@ -366,7 +364,7 @@ def _category_parts(
     texts = {category: [dataset.texts[i] for i in rows[category]] for category in categories}
     parts = {
         category: CategoryHeldOut.load(
-            _category_files(config.out_dir, key, category)[1],
+            _category_file(config.out_dir, key, category, "aqi"),
             _part_identity(config, spec, texts[category]),
         )
         if config.use_cache
@@ -390,7 +388,7 @@ def _category_parts(
         ).values()
         if config.use_cache:  # with the process that computed it, for provenance
             part.save(
-                _category_files(config.out_dir, key, category)[1],
+                _category_file(config.out_dir, key, category, "aqi"),
                 {**_part_identity(config, spec, texts[category]), "worker": worker_name()},
             )
         parts[category] = part
@@ -425,11 +423,11 @@ def _unprepared(
     pending = []
     for category, indices in rows.items():
         texts = [dataset.texts[i] for i in indices]
-        embeddings, part = _category_files(config.out_dir, spec.key, category)
         if config.aqi_mode == "mahalanobis":
+            part = _category_file(config.out_dir, spec.key, category, "aqi")
             ready = CategoryHeldOut.load(part, _part_identity(config, spec, texts)) is not None
-        else:
-            ready = embeddings.is_file()  # validated (and recomputed if stale) by the item
+        else:  # validated (and recomputed if stale) by the item
+            ready = _category_file(config.out_dir, spec.key, category, "embeddings").is_file()
         if not ready:
             pending.append((spec.key, category))
     return pending
@@ -449,7 +447,7 @@ def cached_embeddings(out_dir: Path | str, key: str, dataset: SafetyDataset) -> 
     return _assemble(
         dataset,
         {
-            category: load_tensors(_category_files(Path(out_dir), key, category)[0])
+            category: load_tensors(_category_file(Path(out_dir), key, category, "embeddings"))
             for category in _rows_by_category(dataset)
         },
     )
