@@ -100,14 +100,20 @@ def hooked_pooling(decoder, layers):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shapes", nargs="+", help="only these batch x seq shapes, e.g. 4x128")
     parser.add_argument("--json")
     parser.add_argument("--profile", help="write the small-batch cProfile table to this file")
     parser.add_argument("--steering", action="store_true", help="also time steered capture")
-    parser.add_argument("--decompose", action="store_true", help="also time bare traces (see above)")
-    parser.add_argument("--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)")
+    parser.add_argument(
+        "--decompose", action="store_true", help="also time bare traces (see above)"
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)"
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     config = SHAPES["llama"]()
@@ -115,7 +121,9 @@ def main() -> None:
         config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 64, 128
         config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 256
     with device:
-        hf = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        hf = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
     hf.eval()
     tokenizer = word_tokenizer()
     model = load_model(hf, tokenizer=tokenizer, verbose=False)
@@ -128,15 +136,22 @@ def main() -> None:
 
         n_layers = hf.config.num_hidden_layers
         vector = SteeringVector(
-            torch.randn(5, hf.config.hidden_size) * 0.1, layers=tuple(range(n_layers - 5, n_layers)),
-            base_model="random", tuned_model="random", dataset="none", pool="last", n_samples=1,
+            torch.randn(5, hf.config.hidden_size) * 0.1,
+            layers=tuple(range(n_layers - 5, n_layers)),
+            base_model="random",
+            tuned_model="random",
+            dataset="none",
+            pool="last",
+            n_samples=1,
         )
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
     shapes = [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME
     if args.shapes:
         shapes = [shape for shape in shapes if f"{shape[0]}x{shape[1]}" in args.shapes]
     for batch, seq, n in shapes:
-        batches = [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
+        batches = [
+            torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)
+        ]
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
         times = rounds(methods, args.repeats)
         # instrument="all" re-installs nnsight's controllers on the shared modules: time it
@@ -145,13 +160,24 @@ def main() -> None:
         times |= rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
         model = load_model(hf, tokenizer=tokenizer, verbose=False)
         results = {name: batch * seq * n / min(value) for name, value in times.items()}
-        medians = {name: batch * seq * n / statistics.median(value) for name, value in times.items()}
+        medians = {
+            name: batch * seq * n / statistics.median(value) for name, value in times.items()
+        }
         row = {
-            "date": datetime.date.today().isoformat(), "card": card, "shape": "llama-3.1-8b" if not args.smoke else "tiny", "batch": batch,
-            "seq": seq, "batches": n, "repeats": args.repeats, "tok_per_s": {k: round(v) for k, v in results.items()},
+            "date": datetime.date.today().isoformat(),
+            "card": card,
+            "shape": "llama-3.1-8b" if not args.smoke else "tiny",
+            "batch": batch,
+            "seq": seq,
+            "batches": n,
+            "repeats": args.repeats,
+            "tok_per_s": {k: round(v) for k, v in results.items()},
             "ratio_to_decoder": {k: round(v / results["decoder"], 4) for k, v in results.items()},
-            "median_ratio_to_decoder": {k: round(v / medians["decoder"], 4) for k, v in medians.items()},
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "median_ratio_to_decoder": {
+                k: round(v / medians["decoder"], 4) for k, v in medians.items()
+            },
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
         }
         report(row, args.json)
     if args.profile:
@@ -159,7 +185,10 @@ def main() -> None:
         sections = []
         for name, fn in (
             ("decoder alone", lambda: floor_forward(decoder, ids)),
-            ("mahals.capture", lambda: capture(model, ids.tolist(), pool="mean", batch_size=4, progress=False)),
+            (
+                "mahals.capture",
+                lambda: capture(model, ids.tolist(), pool="mean", batch_size=4, progress=False),
+            ),
         ):
             profiler = cProfile.Profile()
             synchronize()
@@ -228,7 +257,13 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
         def trace_last():
             for ids in host_batches:
                 batch = tracing.Batch.pad(ids, pad_id=0, device=device)
-                tracing.run_trace(model, batch, read_layers=[len(layers) - 1], reader=lambda _l, h, _b: h, interventions=())
+                tracing.run_trace(
+                    model,
+                    batch,
+                    read_layers=[len(layers) - 1],
+                    reader=lambda _l, h, _b: h,
+                    interventions=(),
+                )
                 synchronize()
 
         methods["stream_switch"] = stream_switch

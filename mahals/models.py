@@ -113,6 +113,7 @@ class MahalsModel:
     spec: ModelSpec | None = None
     active_interventions: list = field(default_factory=list, repr=False)
     _freed: bool = field(default=False, repr=False)
+    _routed: list | None = field(default=None, repr=False)
 
     @property
     def hf(self) -> PreTrainedModel:
@@ -153,6 +154,18 @@ class MahalsModel:
         """nnsight envoys of the decoder layers, in order (``[n_layers]``)."""
         self._check_alive()
         return self.nn.layers
+
+    def routed_modules(self) -> list[tuple[torch.nn.Module, object]]:
+        """``(module, nnsight state)`` of each module nnsight routes through its interleaver
+        (after :func:`load_model`'s instrumentation), in ``named_modules`` order; found once."""
+        self._check_alive()
+        if self._routed is None:
+            self._routed = [
+                (module, module.__dict__[NNSIGHT_STATE])
+                for module in self.hf.modules()
+                if NNSIGHT_STATE in module.__dict__
+            ]
+        return self._routed
 
     def generate(
         self,

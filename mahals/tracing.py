@@ -17,6 +17,10 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   controller returned the layer's final output), and after the forward the reader reduces them
   all at once (``reader.read_many``, e.g. one masked ``bmm`` over the stacked layers instead of
   one per layer). The body then touches only the layers it writes and the last one it needs.
+* Only the modules the trace body touches hand their values to nnsight (the model itself and
+  the layers it writes or stops at): every other routed module runs as it does outside a trace
+  for that trace (:func:`_handing_off_only`), which spares three interleaver handoffs per
+  module — per forward pass, the size of the small-batch gap to the bare decoder stack.
 * The forward stops after the last layer it needs, unless logits are asked for.
 """
 
@@ -96,18 +100,24 @@ class Batch:
         if not sequences or any(len(seq) == 0 for seq in sequences):
             raise ValueError("Batch.pad needs at least one sequence, each with ≥ 1 token")
         device = torch.device(device)
-        length = max(len(seq) for seq in sequences)
-        ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), length), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            span = slice(length - len(seq), length) if side == "left" else slice(0, len(seq))
-            ids[row, span] = torch.as_tensor(seq, dtype=torch.long)
-            mask[row, span] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        lengths = mask.sum(-1)
+        sizes = [len(seq) for seq in sequences]
+        length = max(sizes)
+        padded = min(sizes) != length
+        # One tensor from padded lists: a per-row copy into a preallocated block costs a
+        # small-batch trace more host time than the rest of the padding together.
+        if not padded:
+            rows = sequences
+        elif side == "left":
+            rows = [[pad_id] * (length - len(seq)) + list(seq) for seq in sequences]
+        else:
+            rows = [list(seq) + [pad_id] * (length - len(seq)) for seq in sequences]
+        ids = torch.tensor(rows, dtype=torch.long)
+        lengths = torch.tensor(sizes, dtype=torch.long)
         first = length - lengths if side == "left" else torch.zeros_like(lengths)
         last = first + lengths - 1
-        padded = any(len(seq) != length for seq in sequences)
+        column = torch.arange(length)
+        mask = ((column >= first[:, None]) & (column <= last[:, None])).long()
+        position_ids = torch.minimum((column - first[:, None]).clamp(min=0), (lengths - 1)[:, None])
         if device.type != "cuda":
             return cls(ids, mask, position_ids, first, last, padded=padded)
         # One pinned buffer, one non-blocking copy: a pageable copy would wait for the GPU to
@@ -211,11 +221,12 @@ def interventions_fingerprint(interventions: Sequence[Intervention]) -> str:
 
 
 def _check_layers(model: MahalsModel, layers: Sequence[int], what: str) -> None:
-    bad = [layer for layer in layers if not 0 <= layer < model.n_layers]
+    n_layers = model.n_layers
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise IndexError(
             f"{what} layers {bad} out of range for {model.name!r}, which has "
-            f"{model.n_layers} layers (0..{model.n_layers - 1})"
+            f"{n_layers} layers (0..{n_layers - 1})"
         )
 
 
@@ -299,6 +310,7 @@ def run_trace(
         torch.inference_mode(),
         warnings.catch_warnings(),
         _holding(model, held, held_outputs),
+        _handing_off_only(model, visit),
         model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
         warnings.simplefilter("ignore", UserWarning)
@@ -336,6 +348,27 @@ def _block_hooks(model: MahalsModel, hooks: dict[int, Callable]) -> Iterator[Non
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def _handing_off_only(model: MahalsModel, layers: Sequence[int]) -> Iterator[None]:
+    """While the block runs, only the model itself and the decoder blocks ``layers`` hand
+    their inputs and outputs to nnsight's interleaver; every other routed module runs as it
+    does outside a trace (nnsight's controller finds no route and calls the module's own
+    forward, accelerate's device hooks included). For the trace bodies of this module, which
+    touch nothing else."""
+    blocks = model.adapter.decoder_layers(model.hf)
+    keep = {id(model.hf)} | {id(blocks[layer]) for layer in layers}
+    muted = [
+        (state, state.routes) for module, state in model.routed_modules() if id(module) not in keep
+    ]
+    for state, _ in muted:
+        state.routes = []
+    try:
+        yield
+    finally:
+        for state, routes in muted:
+            state.routes = routes
 
 
 def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]):
@@ -477,6 +510,7 @@ def generate(
         torch.inference_mode(),
         warnings.catch_warnings(),
         _writing(model, writers, prompt),
+        _handing_off_only(model, ()),
         model.nn.generate(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,

@@ -333,6 +333,77 @@ def test_full_instrumentation_still_reads_submodules(tiny_tokenizer):
     torch.testing.assert_close(capture(lean, PROMPTS, pool="mean").tensor, before, rtol=0, atol=0)
 
 
+class Raises:
+    """An intervention at ``layer`` that fails mid-forward."""
+
+    layers = (1,)
+
+    def __call__(self, layer, hidden, batch):
+        raise RuntimeError("intervention failed")
+
+    def fingerprint(self) -> str:
+        return "raises"
+
+
+def test_a_trace_hands_off_only_the_modules_its_body_touches(tiny_tokenizer, monkeypatch):
+    """Modules a trace's body does not touch run as outside a trace (no interleaver handoff);
+    their routes are back afterwards, even after a failed trace, so a user's own nnsight
+    trace still reaches every module."""
+    from nnsight.intervention.interleaver import Interleaver
+
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    model = load_model(hf, tokenizer=tiny_tokenizer, instrument="all")
+    routes = [list(state.routes) for _, state in model.routed_modules()]
+    assert len(routes) > model.n_layers + 2  # "all": every submodule is routed
+    handed_off = []
+    handle = Interleaver.handle
+
+    def spy(self, provider, value):
+        handed_off.append(provider.rsplit(".", 1)[0])
+        return handle(self, provider, value)
+
+    monkeypatch.setattr(Interleaver, "handle", spy)
+    batch = Batch.pad(_ids(model, PROMPTS), pad_id=1, device="cpu")
+    delta = torch.randn(model.d_model)
+    reads, _ = run_trace(
+        model, batch, read_layers=[0, 1, 2], reader=lambda _l, h, _b: h.clone(),
+        interventions=[AddDelta(1, delta)],
+    )  # fmt: skip
+    # layer 1 is written; layer 2, the last read, is where the forward stops; 0 is held
+    assert set(handed_off) == {"model", "model.model.layers.1", "model.model.layers.2"}
+    handed_off.clear()
+    model.generate([[5, 6, 7]], max_new_tokens=3, chat=False)
+    assert "model" in handed_off and not any(p.startswith("model.model") for p in handed_off)
+    with pytest.raises(RuntimeError, match="intervention failed"):
+        run_trace(model, batch, read_layers=[2], interventions=[Raises()])
+    monkeypatch.undo()
+    assert [list(state.routes) for _, state in model.routed_modules()] == routes
+    ids = torch.tensor([_ids(model, [PROMPTS[1]])[0]])
+    with torch.inference_mode(), model.nn.trace(input_ids=ids):
+        attention = model.layers[0].self_attn.output[0].save()
+        layer_0 = model.layers[0].output.save()
+    seen = {}
+
+    def keep(name):
+        def hook(_module, _inputs, output) -> None:
+            seen[name] = output
+
+        return hook
+
+    blocks = model.adapter.decoder_layers(hf)
+    hooks = [
+        blocks[0].register_forward_hook(keep("layer")),
+        blocks[0].self_attn.register_forward_hook(keep("attn")),
+    ]
+    with torch.inference_mode():
+        hf(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(model.adapter.unwrap(layer_0), seen["layer"], rtol=0, atol=0)
+    torch.testing.assert_close(attention, seen["attn"][0], rtol=0, atol=0)
+    torch.testing.assert_close(reads[0][0, :2], _hooked_states(model, PROMPTS[0])[0, :2].float())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_mean_pool_on_cuda_equals_a_float64_mean(tiny_tokenizer):
