@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -177,9 +178,22 @@ class TimedLoader(RandomLoader):
             model = super().__call__(spec)
         seconds = time.perf_counter() - started
         self.timings.mkdir(parents=True, exist_ok=True)
-        record = {"key": spec.key, "pid": os.getpid(), "started": wall, "seconds": seconds}
+        record = {"key": spec.key, "pid": os.getpid(), "started": wall, "seconds": seconds,
+                  "process_started": process_started()}  # fmt: skip
         (self.timings / f"{spec.key}.{os.getpid()}.{wall:.6f}.json").write_text(json.dumps(record))
         return model
+
+
+def process_started() -> float:
+    """Wall-clock time this process started (Linux: /proc, to the kernel's 10 ms tick)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    age = float(Path("/proc/uptime").read_text().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+def ray_cli(*arguments: str) -> None:
+    """Run Ray's command line (``ray start``, ``ray stop``) with this interpreter."""
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *arguments], check=True)
 
 
 def _fanout_registry(smoke: bool) -> tuple[Registry, tuple[str, ...]]:
@@ -235,23 +249,41 @@ def fanout(args, gpus: int) -> dict:
     parallel = max(gpus, 2)
     row = {"experiment": "fanout", "engine": args.engine, "models": list(keys),
            "prompts_per_model": 8 * args.per_cell, "gpus": gpus}  # fmt: skip
-    for mode in ("sequential", args.engine):
+    engines = (
+        [f"ray_{start}" for start in args.ray_start] if args.engine == "ray" else ["processes"]
+    )
+    for mode in ("sequential", *engines):
+        if mode == "ray_cluster":  # started before the run's clock, as a cluster would be
+            ray_cli("start", "--head", f"--num-gpus={gpus}", f"--num-cpus={os.cpu_count()}",
+                    "--include-dashboard=false", "--disable-usage-stats")  # fmt: skip
         timings = work / f"timings_{mode}"
         started_wall = time.time()
         started = time.perf_counter()
+        ray_ready = None
         if mode == "sequential":
             _phase1(args, keys, data, work / mode, timings)
             folders = {key: work / mode for key in keys}
-        elif mode == "ray":
+        elif mode.startswith("ray"):
             import ray
 
             ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
-            # all CPUs: each worker reserves its GPU's share (16 threads on a 64-CPU, 4-GPU node)
-            ray.init(num_gpus=gpus, num_cpus=os.cpu_count(), include_dashboard=False)
+            if mode == "ray_cluster":  # a cluster started before the run (`ray start --head`)
+                ray.init(address="auto")
+            else:  # a Ray of the run's own, as mahals starts one; all CPUs: each worker
+                # reserves its GPU's share (16 threads on a 64-CPU, 4-GPU node)
+                no_prestart = {
+                    "enable_worker_prestart": False,
+                    "prestart_worker_first_driver": False,
+                }
+                ray.init(address="local", num_gpus=gpus, num_cpus=os.cpu_count(), include_dashboard=False,
+                         _system_config=no_prestart if mode == "ray_no_prestart" else None)  # fmt: skip
+            ray_ready = time.time() - started_wall
             try:
                 _phase1(args, keys, data, work / mode, timings, workers=parallel)
             finally:
                 ray.shutdown()
+                if mode == "ray_cluster":
+                    ray_cli("stop")
             folders = {key: work / mode for key in keys}
         else:
             spawn_args = (args, keys, data, work / mode, timings, parallel)
@@ -265,18 +297,29 @@ def fanout(args, gpus: int) -> dict:
         startup = min(load["started"] for load in loads) - started_wall
         creation = max(per_process.values())  # on the critical path: the busiest process's
         results = {key: _checkpointed(folders[key], key) for key in keys}
+        first_load = {}  # each worker process: its start and its first weight creation
+        for load in sorted(loads, key=lambda load: load["started"]):
+            first_load.setdefault(load["pid"], load)
         row[mode] = {
             "wall_seconds": round(wall, 2),
             "startup_seconds": round(startup, 2),
+            "ray_init_seconds": None if ray_ready is None else round(ray_ready, 2),
+            "worker_process_started_seconds": sorted(
+                round(load["process_started"] - started_wall, 2) for load in first_load.values()
+            ) if ray_ready is not None else None,
+            "worker_first_weights_seconds": sorted(
+                round(load["started"] - started_wall, 2) for load in first_load.values()
+            ),  # fmt: skip
             "weight_creations": len(loads),
             "weight_creation_seconds_busiest_process": round(creation, 2),
             "wall_excluding_startup_and_weights": round(wall - startup - creation, 2),
             "aqi": {key: round(results[key]["AQI"], 4) for key in keys},
         }  # fmt: skip
-    row["same_aqi"] = row["sequential"]["aqi"] == row[args.engine]["aqi"]
-    for name, field in (("speedup_wall", "wall_seconds"),
-                        ("speedup_excluding_startup_and_weights", "wall_excluding_startup_and_weights")):  # fmt: skip
-        row[name] = round(row["sequential"][field] / row[args.engine][field], 2)
+    for engine in engines:
+        row[engine]["same_aqi"] = row["sequential"]["aqi"] == row[engine]["aqi"]
+        for name, field in (("speedup_wall", "wall_seconds"),
+                            ("speedup_excluding_startup_and_weights", "wall_excluding_startup_and_weights")):  # fmt: skip
+            row[engine][name] = round(row["sequential"][field] / row[engine][field], 2)
     return row
 
 
@@ -420,6 +463,12 @@ def main() -> None:
     parser.add_argument("--engine", choices=("ray", "processes"),
                         default="ray" if importlib.util.find_spec("ray") else "processes",
                         help="fanout: Ray tasks (default when installed) or one process per GPU")  # fmt: skip
+    parser.add_argument("--ray-start", nargs="+", choices=("local", "no_prestart", "cluster"),
+                        default=["local"],
+                        help="fanout under Ray, one run each: a Ray the run starts itself as mahals "
+                             "does (local), the same without Ray's idle worker processes started "
+                             "per CPU (no_prestart), or the cluster running already (cluster: "
+                             "`ray start --head` before the benchmark)")  # fmt: skip
     parser.add_argument("--json", help="append each result row as JSON to this file")
     args = parser.parse_args()
     if args.smoke:
