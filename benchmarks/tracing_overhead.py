@@ -18,6 +18,10 @@ noisy spell on the host hits every method alike), and each row gives each method
                      every layer is read through its own switch into the trace body
 * ``trace_last``     ``--decompose``: a bare ``run_trace`` touching only the last layer, one
                      synchronisation per batch (the per-trace cost)
+* ``trace_pool``     ``--decompose``: the streamed capture's main-thread work without its
+                     host copies: pad, ``run_trace`` pooling every layer, no synchronisation
+* ``trace_pool_stage`` the same, also staging each batch's copy to pinned host memory (no
+                     landing into the result)
 * ``mahals_all``     per-call capture with ``instrument="all"`` (nnsight's default: every
                      module routed), timed after the others (it re-wraps the model)
 
@@ -183,13 +187,13 @@ def main() -> None:
     if args.profile:
         ids = torch.randint(10, 200, (4, 16 if args.smoke else 128), generator=generator).to(device)
         sections = []
+        stream_rows = [row for _ in range(10) for row in ids.tolist()]
         for name, fn in (
             ("decoder alone", lambda: floor_forward(decoder, ids)),
-            (
-                "mahals.capture",
-                lambda: capture(model, ids.tolist(), pool="mean", batch_size=4, progress=False),
-            ),
-        ):
+            ("mahals.capture", lambda: capture(model, ids.tolist(), pool="mean", batch_size=4, progress=False)),
+            ("mahals.capture streamed, 10 batches per call",
+             lambda: capture(model, stream_rows, pool="mean", batch_size=4, progress=False)),
+        ):  # fmt: skip
             profiler = cProfile.Profile()
             synchronize()
             profiler.enable()
@@ -266,8 +270,30 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
                 )
                 synchronize()
 
+        from mahals.activations import _stack_on, _Staged, pooling_reader
+
+        every_layer = list(range(len(layers)))
+
+        def trace_pool(stage: bool):
+            # the streamed capture's main-thread work, cut short: pad, trace, pool every
+            # layer (and stage the copy to the host), no host synchronisation
+            def run():
+                reader = pooling_reader("mean")
+                for ids in host_batches:
+                    batch = tracing.Batch.pad(ids, pad_id=0, device=device)
+                    reads, _ = tracing.run_trace(
+                        model, batch, read_layers=every_layer, reader=reader, interventions=()
+                    )
+                    if stage:
+                        _Staged.start(ids, _stack_on(reads, device), device.type == "cuda")
+                synchronize()
+
+            return run
+
         methods["stream_switch"] = stream_switch
         methods["trace_last"] = trace_last
+        methods["trace_pool"] = trace_pool(stage=False)
+        methods["trace_pool_stage"] = trace_pool(stage=True)
     return methods
 
 

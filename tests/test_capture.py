@@ -178,3 +178,50 @@ def test_batch_plan_sorts_by_length_and_respects_both_caps():
 def test_token_budget_does_not_change_results(tiny_model):
     budgeted = capture(tiny_model, TEXTS, batch_size=8, max_batch_tokens=60).tensor
     assert_close(budgeted, capture(tiny_model, TEXTS, batch_size=1).tensor, rel=1e-5)
+
+
+class _NanInRowsWith:
+    """Writes NaN at ``layer`` into every row whose tokens include ``token``."""
+
+    def __init__(self, layer: int, token: int) -> None:
+        self.layers, self.token = (layer,), token
+
+    def __call__(self, layer, hidden, batch):
+        rows = (batch.input_ids == self.token).any(-1)
+        hidden[rows] = float("nan")
+
+    def fingerprint(self) -> str:
+        return f"nan-{self.layers}-{self.token}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("staging_bytes", [1 << 30, 1], ids=["one-wait", "wait-per-batch"])
+def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
+    tiny_tokenizer, monkeypatch, staging_bytes
+):
+    """Batches staged in pinned memory on CUDA (waited for at the end, or after every batch)
+    land in input order: equal to the CPU capture of the same weights; a NaN is named by its
+    layers and input rows."""
+    import mahals.activations
+
+    from conftest import build_tiny
+
+    monkeypatch.setattr(mahals.activations, "STAGING_BYTES", staging_bytes)
+    model = build_tiny("llama", tiny_tokenizer)
+    texts = [" ".join(["word"] * (1 + i % 7)) + f" text {i}" for i in range(23)]
+    want = capture(model, texts, pool="mean", batch_size=4).tensor
+    model.hf.cuda()
+    got = capture(model, texts, pool="mean", batch_size=4).tensor
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    marked = [5, 17]
+    token = model.tokenizer("zebra", add_special_tokens=False)["input_ids"][-1]
+    for row in marked:
+        texts[row] += " zebra"
+    n_layers = model.n_layers
+    nan = _NanInRowsWith(1, token)
+    with pytest.raises(FloatingPointError, match=rf"layers {list(range(1, n_layers))}") as error:
+        capture(model, texts, pool="mean", batch_size=len(texts), interventions=[nan])
+    assert f"rows {marked}" in str(error.value)
+    with pytest.raises(FloatingPointError, match=r"rows \[(5|17)\]"):
+        capture(model, texts, pool="mean", batch_size=1, interventions=[nan])
