@@ -20,8 +20,9 @@ noisy spell on the host hits every method alike), and each row gives each method
                      synchronisation per batch (the per-trace cost)
 * ``trace_pool``     ``--decompose``: the streamed capture's main-thread work without its
                      host copies: pad, ``run_trace`` pooling every layer, no synchronisation
-* ``trace_pool_stage`` the same, also staging each batch's copy to pinned host memory (no
-                     landing into the result)
+* ``trace_pool_stage`` the same, also staging each batch's copy to pinned host memory and
+                     moving the rows into the result at the end (capture without its
+                     tokenising, batch planning and progress bar)
 * ``mahals_all``     per-call capture with ``instrument="all"`` (nnsight's default: every
                      module routed), timed after the others (it re-wraps the model)
 
@@ -270,22 +271,26 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
                 )
                 synchronize()
 
-        from mahals.activations import _stack_on, _Staged, pooling_reader
+        from mahals.activations import _stack_on, _Staging, pooling_reader
 
         every_layer = list(range(len(layers)))
 
         def trace_pool(stage: bool):
-            # the streamed capture's main-thread work, cut short: pad, trace, pool every
-            # layer (and stage the copy to the host), no host synchronisation
+            # the streamed capture's main-thread work, cut short: pad, trace, pool every layer
+            # (and stage each batch's copy to the host, waited for once at the end)
             def run():
                 reader = pooling_reader("mean")
-                for ids in host_batches:
+                rows = [list(range(i * size, (i + 1) * size)) for i in range(len(host_batches))]
+                out = torch.empty((len(every_text), len(layers), model.d_model))
+                staging = _Staging(out, rows, device)
+                for ids, batch_rows in zip(host_batches, rows, strict=True):
                     batch = tracing.Batch.pad(ids, pad_id=0, device=device)
                     reads, _ = tracing.run_trace(
                         model, batch, read_layers=every_layer, reader=reader, interventions=()
                     )
                     if stage:
-                        _Staged.start(ids, _stack_on(reads, device), device.type == "cuda")
+                        staging.add(batch_rows, _stack_on(reads, device), model, every_layer)
+                staging.flush(model, every_layer)
                 synchronize()
 
             return run
