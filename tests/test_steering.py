@@ -386,8 +386,22 @@ def test_svd_on_cuda_matches_cpu(method):
         h_base.cuda(), h_tuned.cuda(), centered=True, method=method, n_components=3
     )
     assert gpu.components.device.type == "cuda"
-    torch.testing.assert_close(gpu.singular_values.cpu(), cpu.singular_values, rtol=1e-3, atol=0)
-    torch.testing.assert_close(gpu.components.cpu(), cpu.components, rtol=0, atol=1e-2)
+    # lowrank sketches with each device's own random numbers: beyond the planted direction the
+    # spectrum is flat noise, whose values a sketch gets to about 1 % (1.4 % at most over five
+    # CPU seeds against the exact SVD) and whose directions it cannot pin down
+    exact = 1 if method == "lowrank" else 3
+    torch.testing.assert_close(
+        gpu.singular_values[:, :exact].cpu(), cpu.singular_values[:, :exact], rtol=1e-3, atol=0
+    )
+    torch.testing.assert_close(
+        gpu.components[:, :exact].cpu(), cpu.components[:, :exact], rtol=0, atol=1e-2
+    )
+    if method == "lowrank":
+        full = difference_svd(h_base, h_tuned, centered=True, method="full", n_components=3)
+        for result in (cpu, gpu):
+            torch.testing.assert_close(
+                result.singular_values.cpu(), full.singular_values, rtol=3e-2, atol=0
+            )
     mean = SteeringVector.from_diff(h_base.cuda(), h_tuned.cuda())
     assert mean.vectors.device.type == "cuda"
     assert gpu.component(0, mean).vectors.device.type == "cuda"
