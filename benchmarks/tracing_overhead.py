@@ -277,20 +277,20 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
 
         def trace_pool(stage: bool):
             # the streamed capture's main-thread work, cut short: pad, trace, pool every layer
-            # (and stage each batch's copy to the host, waited for once at the end)
+            # (and stage each batch's copy to the host, landing as capture lands it)
             def run():
                 reader = pooling_reader("mean")
                 rows = [list(range(i * size, (i + 1) * size)) for i in range(len(host_batches))]
                 out = torch.empty((len(every_text), len(layers), model.d_model))
-                staging = _Staging(out, rows, device)
-                for ids, batch_rows in zip(host_batches, rows, strict=True):
-                    batch = tracing.Batch.pad(ids, pad_id=0, device=device)
-                    reads, _ = tracing.run_trace(
-                        model, batch, read_layers=every_layer, reader=reader, interventions=()
-                    )
-                    if stage:
-                        staging.add(batch_rows, _stack_on(reads, device), model, every_layer)
-                staging.flush(model, every_layer)
+                with _Staging(out, rows, device, model, every_layer) as staging:
+                    for ids, batch_rows in zip(host_batches, rows, strict=True):
+                        batch = tracing.Batch.pad(ids, pad_id=0, device=device)
+                        reads, _ = tracing.run_trace(
+                            model, batch, read_layers=every_layer, reader=reader, interventions=()
+                        )
+                        if stage:
+                            staging.add(batch_rows, _stack_on(reads, device))
+                    staging.finish()
                 synchronize()
 
             return run

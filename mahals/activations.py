@@ -18,16 +18,18 @@ How the work is arranged, and why:
   otherwise keep every layer's keys and values alive, 1–2 GB on a 7–9B model);
 * only the pooled ``[batch, layers, d_model]`` block leaves the GPU: one asynchronous copy per
   batch into a pinned host buffer, in the order the batches run, while the next batch runs;
-  the buffer is waited for once (at the end, or each time :data:`STAGING_BYTES` fill it) and
-  its rows are put in input order then. Per-batch host work — waiting for a copy, checking
-  it, moving its rows (on a helper thread before: ≈ 2.4 ms per 4 × 128 batch, 12 % of the
-  decoder's own time at that size on an H200) — would hold up the next forward when the host
-  is the bottleneck, as at small batches.
+  a helper thread waits for every :data:`LANDING_BYTES` of them and puts their rows in input
+  order. Per-batch host work — waiting for a copy, checking it, moving its rows, or handing
+  each batch to a helper thread (≈ 2.4 ms of the main thread per 4 × 128 batch on an H200,
+  12 % of the decoder's own time at that size) — holds up the next forward when the host is
+  the bottleneck, as at small batches.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -443,18 +445,20 @@ def capture(
         return TokenActivations(per_text, sequences, layer_ids, model.name)
 
     out = torch.empty((len(sequences), len(layer_ids), model.d_model), dtype=torch.float32)
-    staging = _Staging(out, batches, device)
-    with tqdm(
-        total=len(sequences),
-        disable=None if progress is None else not progress,
-        desc=f"capture {model.name}",
-        unit="text",
-    ) as bar:
+    with (
+        _Staging(out, batches, device, model, layer_ids) as staging,
+        tqdm(
+            total=len(sequences),
+            disable=None if progress is None else not progress,
+            desc=f"capture {model.name}",
+            unit="text",
+        ) as bar,
+    ):
         for rows in batches:
             reads, _ = trace(rows)
-            staging.add(rows, _stack_on(reads, device), model, layer_ids)
+            staging.add(rows, _stack_on(reads, device))
             bar.update(len(rows))
-        staging.flush(model, layer_ids)
+        staging.finish()
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
 
 
@@ -467,68 +471,113 @@ def _stack_on(reads: Sequence[Tensor], device: torch.device) -> Tensor:
 
 
 STAGING_BYTES = 1 << 30
-"""Most bytes of pooled results a CUDA capture keeps in pinned host memory before it waits
-for them and moves them into the result (a capture smaller than this waits once, at the end)."""
+"""Most bytes of pooled results a CUDA capture keeps in pinned host memory at once."""
+
+LANDING_BYTES = 64 << 20
+"""Bytes of pooled results a CUDA capture moves into its result in one step on its helper
+thread (one step per this many bytes, not per batch: each step costs the main thread a
+switch of Python's lock, which small batches feel)."""
 
 
 class _Staging:
     """Pooled batches on their way from the device into ``out`` (rows in input order).
 
-    On CUDA each batch is one asynchronous copy into the next rows of a pinned buffer, in
-    the order the batches run, and one on-device finiteness flag copied next to it: no host
-    work, allocation or synchronisation per batch, which small batches feel when the host is
-    the bottleneck. The buffer is waited for and moved into ``out`` when it is full and at
-    the end (:meth:`flush`). A flag seen false earlier (flags start true; a copy that has
-    not landed yet reads true) fails the capture at once; the flush checks every flag.
-    On the CPU each batch lands directly.
+    On CUDA each batch is one asynchronous copy into the next rows of a pinned buffer (in
+    the order the batches run) and one on-device finiteness flag copied next to it: no host
+    work, allocation or synchronisation per batch. Every :data:`LANDING_BYTES` of staged rows
+    go to a helper thread, which waits for their copies, checks their flags (naming the
+    layers and rows of a non-finite batch) and moves them into ``out`` while the next batches
+    run; the buffer is reused from its start once every row in it has landed. A failure
+    surfaces at the next batch. The last rows land at :meth:`finish` (in the calling thread
+    when nothing was handed off: a small capture starts no thread). On the CPU each batch
+    lands directly.
     """
 
-    def __init__(self, out: Tensor, batches: Sequence[list[int]], device: torch.device) -> None:
-        self.out = out
-        self.device = device
+    def __init__(
+        self,
+        out: Tensor,
+        batches: Sequence[list[int]],
+        device: torch.device,
+        model: MahalsModel,
+        layer_ids: Sequence[int],
+    ) -> None:
+        self.out, self.device, self.model, self.layer_ids = out, device, model, layer_ids
         self.on_cuda = device.type == "cuda"
-        row_bytes = out[0].numel() * out.element_size()
-        capacity = max(1, min(len(out), STAGING_BYTES // max(row_bytes, 1)))
-        capacity = max(capacity, max((len(rows) for rows in batches), default=1))
+        row_bytes = max(out[0].numel() * out.element_size(), 1) if len(out) else 1
+        largest = max((len(rows) for rows in batches), default=1)
+        capacity = max(1, min(len(out), STAGING_BYTES // row_bytes), largest)
         if self.on_cuda:
             self.buffer = torch.empty((capacity, *out.shape[1:]), dtype=out.dtype, pin_memory=True)
             self.flags = torch.ones(len(batches), dtype=torch.bool, pin_memory=True)
-        self.staged: list[tuple[int, list[int], int]] = []  # (batch, rows, first buffer row)
-        self.used = 0
+        self.landing_rows = max(1, LANDING_BYTES // row_bytes)
+        self.segment: list[tuple[int, list[int], int]] = []  # (batch, rows, first buffer row)
+        self.used = 0  # buffer rows staged so far
         self.batch = 0
+        self.lander: ThreadPoolExecutor | None = None
+        self.landing: deque[Future] = deque()
 
-    def add(
-        self, rows: list[int], pooled: Tensor, model: MahalsModel, layer_ids: Sequence[int]
-    ) -> None:
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.lander is not None:
+            self.lander.shutdown(wait=True, cancel_futures=True)
+
+    def add(self, rows: list[int], pooled: Tensor) -> None:
         """Stage one batch's pooled ``[batch, layers, d_model]`` block for ``rows``."""
         index, self.batch = self.batch, self.batch + 1
         if not self.on_cuda:
-            _check_finite(pooled, rows, model, layer_ids)
+            _check_finite(pooled, rows, self.model, self.layer_ids)
             self.out[rows] = pooled.to(self.out.dtype)
             return
-        if self.used + len(rows) > len(self.buffer):
-            self.flush(model, layer_ids)
-        if self.staged and not bool(self.flags[self.staged[0][0] : index].all()):
-            self.flush(model, layer_ids)  # an earlier batch's flag has landed false: name it
+        while self.landing and self.landing[0].done():
+            self.landing.popleft().result()
+        if self.used + len(rows) > len(self.buffer):  # reuse the buffer once all of it landed
+            self._hand_off()
+            while self.landing:
+                self.landing.popleft().result()
+            self.used = 0
         with torch.cuda.device(pooled.device):
             self.flags[index].copy_(torch.isfinite(pooled).all(), non_blocking=True)
             self.buffer[self.used : self.used + len(rows)].copy_(pooled, non_blocking=True)
-        self.staged.append((index, rows, self.used))
+        self.segment.append((index, rows, self.used))
         self.used += len(rows)
+        if self.used - self.segment[0][2] >= self.landing_rows:
+            self._hand_off()
 
-    def flush(self, model: MahalsModel, layer_ids: Sequence[int]) -> None:
-        """Wait for the staged copies, check them, and move their rows into ``out``."""
-        if not self.on_cuda or not self.staged:
+    def finish(self) -> None:
+        """Land every staged row (raises for a non-finite batch)."""
+        if not self.on_cuda:
             return
-        torch.cuda.synchronize(self.device)
-        for index, rows, first in self.staged:
-            host = self.buffer[first : first + len(rows)]
+        if self.lander is None and self.segment:
+            torch.cuda.synchronize(self.device)
+            self._land(self.segment, None)
+            self.segment = []
+        self._hand_off()
+        while self.landing:
+            self.landing.popleft().result()
+
+    def _hand_off(self) -> None:
+        if not self.segment:
+            return
+        with torch.cuda.device(self.device):
+            done = torch.cuda.Event()
+            done.record()
+        if self.lander is None:
+            self.lander = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mahals-land")
+        self.landing.append(self.lander.submit(self._land, self.segment, done))
+        self.segment = []
+
+    def _land(self, segment: list[tuple[int, list[int], int]], done) -> None:
+        if done is not None:
+            done.synchronize()
+        for index, rows, first in segment:
             if not bool(self.flags[index]):
-                _check_finite(host, rows, model, layer_ids)
-        order = [row for _, rows, _ in self.staged for row in rows]
-        self.out.index_copy_(0, torch.tensor(order), self.buffer[: self.used])
-        self.staged.clear()
-        self.used = 0
+                host = self.buffer[first : first + len(rows)]
+                _check_finite(host, rows, self.model, self.layer_ids)
+        order = [row for _, rows, _ in segment for row in rows]
+        first = segment[0][2]
+        self.out.index_copy_(0, torch.tensor(order), self.buffer[first : first + len(order)])
 
 
 def _check_finite(

@@ -198,18 +198,23 @@ class _NanInRowsWith:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("staging_bytes", [1 << 30, 1], ids=["one-wait", "wait-per-batch"])
+@pytest.mark.parametrize(
+    ("staging_bytes", "landing_bytes"),
+    [(1 << 30, 64 << 20), (1 << 30, 1), (1, 1)],
+    ids=["lands-at-the-end", "lands-per-batch-on-a-thread", "buffer-reused-per-batch"],
+)
 def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
-    tiny_tokenizer, monkeypatch, staging_bytes
+    tiny_tokenizer, monkeypatch, staging_bytes, landing_bytes
 ):
-    """Batches staged in pinned memory on CUDA (waited for at the end, or after every batch)
-    land in input order: equal to the CPU capture of the same weights; a NaN is named by its
-    layers and input rows."""
+    """Batches staged in pinned memory on CUDA land in input order (all at the end in the
+    calling thread, or batch by batch on the helper thread, reusing the buffer or not): equal
+    to the CPU capture of the same weights; a NaN is named by its layers and input rows."""
     import mahals.activations
 
     from conftest import build_tiny
 
     monkeypatch.setattr(mahals.activations, "STAGING_BYTES", staging_bytes)
+    monkeypatch.setattr(mahals.activations, "LANDING_BYTES", landing_bytes)
     model = build_tiny("llama", tiny_tokenizer)
     texts = [" ".join(["word"] * (1 + i % 7)) + f" text {i}" for i in range(23)]
     want = capture(model, texts, pool="mean", batch_size=4).tensor
