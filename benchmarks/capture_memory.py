@@ -30,16 +30,12 @@ def peak_above(weights: int, fn) -> float:
 
 
 def measure(arch: str, batch: int, seq: int) -> dict:
-    model = RandomLoader()(
-        ModelSpec(key=arch, source="random", architecture=arch, n_layers=0, d_model=0)
-    )
+    model = RandomLoader()(ModelSpec(key=arch, source="random", architecture=arch, n_layers=0, d_model=0))
     weights = torch.cuda.memory_allocated()
     ids = torch.randint(10, 150, (batch, seq))
     mask = torch.ones_like(ids)
     rows = {
-        "decoder_forward": lambda: model.hf.get_decoder()(
-            input_ids=ids.cuda(), attention_mask=mask.cuda()
-        ),
+        "decoder_forward": lambda: model.hf.get_decoder()(input_ids=ids.cuda(), attention_mask=mask.cuda()),
         "full_forward": lambda: model.hf(input_ids=ids.cuda(), attention_mask=mask.cuda()),
         "capture_mean_all_layers": lambda: capture(model, list(ids), pool="mean", batch_size=batch),
         "capture_last_all_layers": lambda: capture(model, list(ids), pool="last", batch_size=batch),

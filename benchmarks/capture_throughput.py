@@ -34,14 +34,8 @@ from mahals.activations import capture
 from mahals.models import load_model
 
 LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
 )
 
 
@@ -53,9 +47,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype):
         config_dir = tempfile.mkdtemp()
         config.save_pretrained(config_dir)
         with torch.device(device):
-            hf = transformers.AutoModelForCausalLM.from_config(
-                config, dtype=dtype, attn_implementation="sdpa"
-            )
+            hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         tokenizer = _stub_tokenizer(config.vocab_size)
         return load_model(hf, tokenizer=tokenizer, verbose=False), config_dir
     raise ValueError(name)
@@ -66,9 +58,7 @@ def _stub_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models
 
     backend = Tokenizer(models.WordLevel(vocab={"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>"
-    )
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
     return tok
 
 
@@ -93,9 +83,7 @@ def timed(fn, batches, device, repeats):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", "llama8b-random"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -112,9 +100,7 @@ def main() -> None:
     hf = model.hf
     generator = torch.Generator().manual_seed(0)
     batches = [
-        torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(
-            device
-        )
+        torch.randint(2, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
         for _ in range(args.batches)
     ]
     mask = torch.ones(args.batch, args.seq, dtype=torch.long, device=device)
@@ -135,28 +121,16 @@ def main() -> None:
             out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             mean_pool(out.hidden_states[1:], mask.float())
 
-    methods = {
-        "forward": forward,
-        "forward_decoder": forward_decoder,
-        "mahals": mahals_capture,
-        "hf_hidden": hf_hidden,
-    }
+    methods = {"forward": forward, "forward_decoder": forward_decoder, "mahals": mahals_capture, "hf_hidden": hf_hidden}
     if "lens" not in args.skip:
         from transformer_lens.model_bridge import TransformerBridge
 
-        bridge = TransformerBridge.boot_transformers(
-            str(config_dir), hf_model=hf, tokenizer=model.tokenizer, device=device
-        )
+        bridge = TransformerBridge.boot_transformers(str(config_dir), hf_model=hf, tokenizer=model.tokenizer, device=device)
 
         def lens(ids):
             with torch.inference_mode():
-                _, cache = bridge.run_with_cache(
-                    ids, names_filter=lambda n: n.endswith("hook_resid_post")
-                )
-                mean_pool(
-                    [cache[f"blocks.{layer}.hook_resid_post"] for layer in range(model.n_layers)],
-                    mask.float(),
-                )
+                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_resid_post"))
+                mean_pool([cache[f"blocks.{layer}.hook_resid_post"] for layer in range(model.n_layers)], mask.float())
                 del cache
 
         methods["lens"] = lens
@@ -169,23 +143,12 @@ def main() -> None:
         results[name] = tokens / seconds
         gc.collect()
         print(f"{name:16s} {results[name]:12.0f} tok/s", flush=True)
-    card = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
+    card = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     row = {
-        "date": datetime.date.today().isoformat(),
-        "card": card,
-        "model": args.model,
-        "dtype": str(dtype),
-        "batch": args.batch,
-        "seq": args.seq,
-        "batches": args.batches,
-        "tok_per_s": results,
+        "date": datetime.date.today().isoformat(), "card": card, "model": args.model, "dtype": str(dtype),
+        "batch": args.batch, "seq": args.seq, "batches": args.batches, "tok_per_s": results,
         "mahals_vs_forward": results["mahals"] / results["forward"],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": torch.__version__, "transformers": transformers.__version__,
     }
     report(row, args.json)
 

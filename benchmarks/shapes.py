@@ -16,23 +16,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from mahals.models import load_model
 from mahals.registry import ModelSpec
 
-_LLAMA_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    rope_theta=500000.0,
-)
-_MISTRAL_7B = dict(
-    vocab_size=32768,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-)
+_LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+_MISTRAL_7B = dict(vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8)
 
 # Architecture of each registry model -> its real config (published config.json values).
 SHAPES = {
@@ -59,20 +46,11 @@ WORDS = (
 
 def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """Whitespace word-level tokenizer over :data:`WORDS` with a chat template (ids < 200)."""
-    vocab = {
-        w: i
-        for i, w in enumerate(
-            ["<unk>", "<pad>", "<s>", "</s>", "[user]", "[assistant]", *dict.fromkeys(WORDS)]
-        )
-    }
+    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<s>", "</s>", "[user]", "[assistant]", *dict.fromkeys(WORDS)])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     tok.chat_template = (
         "{% for m in messages %}<s> [{{ m['role'] }}] {{ m['content'] }} </s> {% endfor %}"
@@ -120,9 +98,7 @@ class RandomLoader:
         model.spec = spec
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        self.load_seconds[spec.key] = (
-            self.load_seconds.get(spec.key, 0.0) + time.perf_counter() - started
-        )
+        self.load_seconds[spec.key] = self.load_seconds.get(spec.key, 0.0) + time.perf_counter() - started
         return model
 
     def tokenizer_loader(self, spec: ModelSpec):

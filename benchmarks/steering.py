@@ -124,9 +124,7 @@ def part_a_b(model, args, base_row: dict) -> None:
                 model.device,
                 args.repeats,
             )
-            _overheads(
-                row, times, lambda seconds, b=batch: b * new_tokens / seconds, "tokens_per_s"
-            )
+            _overheads(row, times, lambda seconds, b=batch: b * new_tokens / seconds, "tokens_per_s")
             report(row, args.json)
     if "b" in args.parts:
         n = 32 if args.tiny else 256

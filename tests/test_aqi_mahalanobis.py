@@ -287,7 +287,9 @@ def test_categories_scored_apart_and_saved_combine_into_the_joint_report(tmp_pat
     combined = report_from_categories(parts)
     assert combined.to_dict() == joint.to_dict()  # the overall interval included, bit for bit
     assert CategoryHeldOut.load(tmp_path / "noise.safetensors", {"model": "other"}) is None
-    other = mahalanobis_categories(x, axioms, labels, n_tokens=n_tokens, n_bootstrap=30, seed=7)
+    other = mahalanobis_categories(
+        x, axioms, labels, n_tokens=n_tokens, n_bootstrap=30, seed=7
+    )
     with pytest.raises(ValueError, match="'planted' was scored with other settings"):
         report_from_categories({**parts, "planted": other["planted"]})
 

@@ -106,9 +106,7 @@ def test_perplexity_and_refusal_log_odds_match_manual_computations(model):
         ids = model.tokenizer(text)["input_ids"]
         nll -= _manual_ids_log_prob(model, ids[:1], ids[1:])
         count += len(ids) - 1
-    assert perplexity(model, texts) == pytest.approx(
-        torch.tensor(nll / count).exp().item(), rel=1e-4
-    )
+    assert perplexity(model, texts) == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-4)
 
     prompt = model.tokenizer("Tell me a secret")["input_ids"]
     with torch.no_grad():

@@ -260,10 +260,7 @@ def test_explained_variance_plots_writes_one_png_per_layer(tmp_path):
 
     ratios = [[0.5, 0.3, 0.2], [0.9, 0.1, 0.0]]
     paths = explained_variance_plots(ratios, [4, 7], tmp_path, title="T")
-    assert paths == [
-        tmp_path / "layer_4_explained_variance.png",
-        tmp_path / "layer_7_explained_variance.png",
-    ]
+    assert paths == [tmp_path / "layer_4_explained_variance.png", tmp_path / "layer_7_explained_variance.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
     with pytest.raises(ValueError, match="2 ratio rows for 1 layers"):
         explained_variance_plots(ratios, [4], tmp_path)
