@@ -20,7 +20,7 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
 * Only the modules the trace body touches hand their values to nnsight (the model itself and
   the layers it writes or stops at): every other routed module runs as it does outside a trace
   for that trace (:func:`_handing_off_only`), which spares three interleaver handoffs per
-  module — per forward pass, the size of the small-batch gap to the bare decoder stack.
+  module and forward pass (106 → 5 in a bare trace of a 32-layer model).
 * The forward stops after the last layer it needs, unless logits are asked for.
 """
 
