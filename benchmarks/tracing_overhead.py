@@ -35,6 +35,7 @@ Usage (GPU): python benchmarks/tracing_overhead.py --steering --decompose --json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
 import io
@@ -282,15 +283,17 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
                 reader = pooling_reader("mean")
                 rows = [list(range(i * size, (i + 1) * size)) for i in range(len(host_batches))]
                 out = torch.empty((len(every_text), len(layers), model.d_model))
-                with _Staging(out, rows, device, model, every_layer) as staging:
+                staging = _Staging(out, rows, device, model, every_layer) if stage else None
+                with staging or contextlib.nullcontext():
                     for ids, batch_rows in zip(host_batches, rows, strict=True):
                         batch = tracing.Batch.pad(ids, pad_id=0, device=device)
                         reads, _ = tracing.run_trace(
                             model, batch, read_layers=every_layer, reader=reader, interventions=()
                         )
-                        if stage:
+                        if staging is not None:
                             staging.add(batch_rows, _stack_on(reads, device))
-                    staging.finish()
+                    if staging is not None:
+                        staging.finish()
                 synchronize()
 
             return run

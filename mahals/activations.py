@@ -503,9 +503,9 @@ class _Staging:
     ) -> None:
         self.out, self.device, self.model, self.layer_ids = out, device, model, layer_ids
         self.on_cuda = device.type == "cuda"
-        row_bytes = max(out[0].numel() * out.element_size(), 1) if len(out) else 1
+        row_bytes = max(out.stride(0), 1) * out.element_size()
         largest = max((len(rows) for rows in batches), default=1)
-        capacity = max(1, min(len(out), STAGING_BYTES // row_bytes), largest)
+        capacity = max(min(len(out), STAGING_BYTES // row_bytes), largest)
         if self.on_cuda:
             self.buffer = torch.empty((capacity, *out.shape[1:]), dtype=out.dtype, pin_memory=True)
             self.flags = torch.ones(len(batches), dtype=torch.bool, pin_memory=True)
