@@ -6,6 +6,7 @@ noisy spell on the host hits every method alike), and each row gives each method
 (``ratio_to_decoder``) and its median round (``median_ratio_to_decoder``):
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
+* ``decoder_again``  the floor again, as a method of its own (A/A: the host's spread)
 * ``hooks``          the decoder stack with torch forward hooks mean-pooling every layer on the
                      device, ``[batch, layers, d]`` copied to the host once per batch
 * ``mahals``         ``mahals.capture(pool="mean")`` of every layer, one call per batch (so
@@ -240,6 +241,9 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
 
     methods = {
         "decoder": lambda: [floor_forward(decoder, ids) for ids in batches],
+        # the floor timed again as a method of its own: how far apart two timings of one
+        # method land on this host (an A/A comparison)
+        "decoder_again": lambda: [floor_forward(decoder, ids) for ids in batches],
         "hooks": lambda: hooks(batches),
         "mahals": per_call_capture(model, batches),
         "mahals_stream": stream,

@@ -114,6 +114,7 @@ class MahalsModel:
     active_interventions: list = field(default_factory=list, repr=False)
     _freed: bool = field(default=False, repr=False)
     _routed: list | None = field(default=None, repr=False)
+    _layer_states: list | None = field(default=None, repr=False)
 
     @property
     def hf(self) -> PreTrainedModel:
@@ -166,6 +167,15 @@ class MahalsModel:
                 if NNSIGHT_STATE in module.__dict__
             ]
         return self._routed
+
+    def layer_states(self) -> list[object]:
+        """nnsight's state of each decoder layer (``[n_layers]``; every layer is routed), whose
+        ``body`` is the forward its controller runs; found once."""
+        self._check_alive()
+        if self._layer_states is None:
+            blocks = self.adapter.decoder_layers(self.hf)
+            self._layer_states = [block.__dict__[NNSIGHT_STATE] for block in blocks]
+        return self._layer_states
 
     def generate(
         self,

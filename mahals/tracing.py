@@ -12,16 +12,19 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   ``[batch, d]``) so no ``[batch, tokens, layers, d]`` tensor is built or moved to the host.
 * Each ``.output`` the trace body touches costs a switch into nnsight's worker (≈ 70 µs on a
   fast host), which small batches feel. So when a batch is small (the held layers' outputs fit
-  in :data:`HOLD_BYTES`), the layers that are only read are *held*: a forward hook keeps a
-  reference to each one's output on the device (no copy; the hook runs after nnsight's
-  controller returned the layer's final output), and after the forward the reader reduces them
-  all at once (``reader.read_many``, e.g. one masked ``bmm`` over the stacked layers instead of
-  one per layer). The body then touches only the layers it writes and the last one it needs.
+  in :data:`HOLD_BYTES`), the layers that are only read are *held*: a call wrapped around
+  each one's forward keeps a reference to its output on the device (no copy; it runs inside
+  nnsight's controller, so it sees what a body read of the layer would), and after the
+  forward the reader reduces them all at once (``reader.read_many``, e.g. one masked ``bmm``
+  over the stacked layers instead of one per layer). The body then touches only the layers it
+  writes; a capture without interventions has an empty trace body.
 * Only the modules the trace body touches hand their values to nnsight (the model itself and
-  the layers it writes or stops at): every other routed module runs as it does outside a trace
+  the layers it writes or reads): every other routed module runs as it does outside a trace
   for that trace (:func:`_handing_off_only`), which spares three interleaver handoffs per
   module and forward pass (106 → 5 in a bare trace of a 32-layer model).
-* The forward stops after the last layer it needs, unless logits are asked for.
+* The forward stops after the last layer it needs, unless logits are asked for: through
+  ``tracer.stop()`` in the body, or, when that layer is held, by raising nnsight's own
+  ``EarlyStopException`` in its held call (nnsight's interleaver ends the run on it).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
+from nnsight.intervention.interleaver import EarlyStopException
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -289,10 +293,9 @@ def run_trace(
     writers = _writers_by_layer(model, interventions)
     held = _held_layers(model, batch, read_layers, writers, reader)
     visit = sorted((set(read_layers) - set(held)) | set(writers))
-    if held and (not visit or visit[-1] < held[-1]):
-        # The forward stops right after this layer, before its hooks would run: read it in the
-        # body, which touches it anyway to stop there.
-        visit.append(held.pop())
+    # The forward stops after the last layer it needs, unless logits are read: in the body when
+    # it visits that layer, else in the layer's held call (sparing the body a switch there).
+    stop_held = logits_reader is None and bool(held) and (not visit or held[-1] > visit[-1])
     envoys = model.layers
     # The trace body runs in nnsight's worker: results leave it through these lists (a plain
     # assignment inside the block would not reach this frame).
@@ -309,7 +312,7 @@ def run_trace(
     with (
         torch.inference_mode(),
         warnings.catch_warnings(),
-        _holding(model, held, held_outputs),
+        _holding(model, held, held_outputs, stop_after_last=stop_held),
         _handing_off_only(model, visit),
         model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
@@ -325,7 +328,7 @@ def run_trace(
         if logits_reader is not None:
             output_logits = model.nn.output.logits
             logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
-        elif visit:
+        elif visit and not stop_held:
             tracer.stop()
     if held:
         if len(held_outputs) != len(held):
@@ -338,16 +341,34 @@ def run_trace(
 
 
 @contextmanager
-def _block_hooks(model: MahalsModel, hooks: dict[int, Callable]) -> Iterator[None]:
-    """Forward hooks ``{layer: hook(module, args, output)}`` on the decoder blocks while the
-    block runs; they run after nnsight's controller has returned each layer's output."""
-    blocks = model.adapter.decoder_layers(model.hf)
-    handles = [blocks[layer].register_forward_hook(hooks[layer]) for layer in sorted(hooks)]
+def _after_layers(model: MahalsModel, calls: dict[int, Callable]) -> Iterator[None]:
+    """While the block runs, ``calls[layer](output)`` runs on every output of decoder layer
+    ``layer`` before the layer returns it.
+
+    The call wraps the forward that nnsight's controller runs for the layer (its state's
+    ``body``) rather than being a torch forward hook: a hooked module takes torch's slow call
+    path, and registering and removing a hook per layer and trace costs a small batch more than
+    the call itself. Only for layers the trace body does not touch (muted by
+    :func:`_handing_off_only`), so the value is the one a body read of the layer would see.
+    """
+    states = model.layer_states()
+    bodies = {layer: states[layer].body for layer in calls}
+    for layer, body in bodies.items():
+        states[layer].body = _then(body, calls[layer])
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer, body in bodies.items():
+            states[layer].body = body
+
+
+def _then(body: Callable, call: Callable) -> Callable:
+    def forward(module, *args, **kwargs):
+        output = body(module, *args, **kwargs)
+        call(output)
+        return output
+
+    return forward
 
 
 @contextmanager
@@ -357,10 +378,13 @@ def _handing_off_only(model: MahalsModel, layers: Sequence[int]) -> Iterator[Non
     does outside a trace (nnsight's controller finds no route and calls the module's own
     forward, accelerate's device hooks included). For the trace bodies of this module, which
     touch nothing else."""
-    blocks = model.adapter.decoder_layers(model.hf)
-    keep = {id(model.hf)} | {id(blocks[layer]) for layer in layers}
+    states = model.layer_states()
+    kept = {id(states[layer]) for layer in layers}
+    root = model.hf
     muted = [
-        (state, state.routes) for module, state in model.routed_modules() if id(module) not in keep
+        (state, state.routes)
+        for module, state in model.routed_modules()
+        if module is not root and id(state) not in kept
     ]
     for state, _ in muted:
         state.routes = []
@@ -371,32 +395,42 @@ def _handing_off_only(model: MahalsModel, layers: Sequence[int]) -> Iterator[Non
             state.routes = routes
 
 
-def _holding(model: MahalsModel, layers: Sequence[int], outputs: list[Tensor]):
+def _holding(
+    model: MahalsModel, layers: Sequence[int], outputs: list[Tensor], *, stop_after_last: bool
+):
     """Append the residual-stream output of each of ``layers`` to ``outputs`` (in forward
-    order) while the block runs."""
+    order) while the block runs; with ``stop_after_last``, the forward stops once the last
+    of them is held (nnsight's own early stop, which its interleaver ends the run on)."""
     unwrap = model.adapter.unwrap
 
-    def hold(_module, _args, output) -> None:
+    def hold(output) -> None:
         outputs.append(unwrap(output))
 
-    return _block_hooks(model, dict.fromkeys(layers, hold))
+    def hold_and_stop(output) -> None:
+        hold(output)
+        raise EarlyStopException
+
+    calls = dict.fromkeys(layers, hold)
+    if stop_after_last:
+        calls[layers[-1]] = hold_and_stop
+    return _after_layers(model, calls)
 
 
 def _writing(model: MahalsModel, writers: dict[int, list[Intervention]], prompt: Batch):
     """Apply ``writers`` on every forward pass of a generation while the block runs.
 
-    A generate trace reads nothing inside the model, so its edits are forward hooks rather
-    than trace-body writes: a body write costs each steered layer two switches into and out
-    of nnsight's worker on every decoding step, a hook one Python call. The hook sees the
-    layer's output as nnsight's controller returned it (the value a body write edits) and
+    A generate trace reads nothing inside the model, so its edits run inside the steered
+    layers' forwards (:func:`_after_layers`) rather than as trace-body writes: a body write
+    costs each steered layer two switches into and out of nnsight's worker on every decoding
+    step, this one Python call. The call sees the layer's output as a body write would and
     writes the same way (in place, see :func:`_apply`), so the tokens are the same. The *k*-th
-    call of a layer's hook is the prompt pass (*k* = 0) or decoding step *k*.
+    call at a layer is the prompt pass (*k* = 0) or decoding step *k*.
     """
     visits = dict.fromkeys(writers, 0)
     latest: list = [0, prompt]  # [step, batch]: one Batch per step, shared by its layers
 
-    def hook(layer: int) -> Callable:
-        def write(_module, _args, output) -> None:
+    def writer(layer: int) -> Callable:
+        def write(output) -> None:
             step = visits[layer]
             visits[layer] = step + 1
             if latest[0] != step:
@@ -405,7 +439,7 @@ def _writing(model: MahalsModel, writers: dict[int, list[Intervention]], prompt:
 
         return write
 
-    return _block_hooks(model, {layer: hook(layer) for layer in writers})
+    return _after_layers(model, {layer: writer(layer) for layer in writers})
 
 
 def _read_held(

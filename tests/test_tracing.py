@@ -131,8 +131,8 @@ def test_capture_reads_what_an_intervention_wrote(tiny_model):
 
 
 def test_held_and_switched_reads_agree(tiny_model, monkeypatch):
-    # Small batches record read-only layers whole through nnsight's cache; larger ones read
-    # each layer through its own switch. Both paths, around a written layer, give one answer.
+    # Small batches hold read-only layers whole (a call inside each layer's forward); larger
+    # ones read each layer through its own switch into the trace body. Both paths, around a written layer, give one answer.
     from mahals import tracing
     from mahals.activations import pooling_reader
 
@@ -146,6 +146,48 @@ def test_held_and_switched_reads_agree(tiny_model, monkeypatch):
     monkeypatch.setattr(tracing, "HOLD_BYTES", 0)
     switched = capture(tiny_model, PROMPTS, pool="mean", interventions=[write])
     assert torch.equal(default.tensor, switched.tensor)
+
+
+@pytest.mark.parametrize(
+    ("read_layers", "written", "hold"),
+    [
+        ([0], None, True),  # held only: the trace body is empty, layer 0's held call stops
+        ([0, 1], 0, True),  # the body writes 0, then 1's held call stops
+        ([0], 1, True),  # the body writes 1 after 0 was held, and stops there
+        ([0, 1], None, False),  # every read through the body, which stops after 1
+    ],
+)
+def test_the_forward_stops_after_the_last_layer_it_needs(
+    tiny_model, monkeypatch, read_layers, written, hold
+):
+    from mahals import tracing
+
+    if not hold:
+        monkeypatch.setattr(tracing, "HOLD_BYTES", 0)
+    torch.manual_seed(5)
+    delta = torch.randn(tiny_model.d_model)
+    writes = [] if written is None else [AddDelta(written, delta)]
+    ran = []
+    blocks = tiny_model.adapter.decoder_layers(tiny_model.hf)
+    modules = [*blocks, tiny_model.hf.get_output_embeddings()]
+    handles = [
+        module.register_forward_pre_hook(lambda _m, _a, index=index: ran.append(index))
+        for index, module in enumerate(modules)
+    ]
+    batch = Batch.pad(_ids(tiny_model, PROMPTS[1:2]), pad_id=1, device="cpu")
+    try:
+        reads, _ = run_trace(
+            tiny_model, batch, read_layers=read_layers, reader=lambda _l, h, _b: h.clone(),
+            interventions=writes,
+        )  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = max(read_layers + ([] if written is None else [written]))
+    assert ran == list(range(last + 1))  # no later block, no LM head
+    expected = _hooked_states(tiny_model, PROMPTS[1], written, delta)
+    for layer, read in zip(read_layers, reads, strict=True):
+        torch.testing.assert_close(read[0].double(), expected[layer], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -170,11 +212,14 @@ def test_held_layers_pooled_at_once_equal_one_layer_at_a_time(tiny_model, pool, 
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_held_layers_leave_no_hooks_and_the_model_gets_our_batch_as_it_is(tiny_model):
-    # The layer hooks that hold outputs live for one trace only; an unpadded batch reaches the
-    # model without a mask (attention's causal fast path), a padded one with ours.
+def test_held_layers_leave_no_wrappers_and_the_model_gets_our_batch_as_it_is(tiny_model):
+    # The wrappers around the layers' forwards that hold outputs live for one trace only, and
+    # no torch hook is left behind; an unpadded batch reaches the model without a mask
+    # (attention's causal fast path), a padded one with ours.
     blocks = tiny_model.adapter.decoder_layers(tiny_model.hf)
     hooks_before = [dict(block._forward_hooks) for block in blocks]  # transformers adds its own
+    bodies_before = [state.body for state in tiny_model.layer_states()]
+    assert bodies_before == [type(block).forward for block in blocks]
     seen = []
 
     def spy(_module, _args, kwargs):
@@ -191,6 +236,7 @@ def test_held_layers_leave_no_hooks_and_the_model_gets_our_batch_as_it_is(tiny_m
     finally:
         handle.remove()
     assert [dict(block._forward_hooks) for block in blocks] == hooks_before
+    assert [state.body for state in tiny_model.layer_states()] == bodies_before
     (mask_1, positions_1), _, _, (mask_n, positions_n) = seen
     assert mask_1 is None and positions_1 is None
     assert torch.equal(mask_n, batch.attention_mask) and torch.equal(
@@ -369,15 +415,17 @@ def test_a_trace_hands_off_only_the_modules_its_body_touches(tiny_tokenizer, mon
         model, batch, read_layers=[0, 1, 2], reader=lambda _l, h, _b: h.clone(),
         interventions=[AddDelta(1, delta)],
     )  # fmt: skip
-    # layer 1 is written; layer 2, the last read, is where the forward stops; 0 is held
-    assert set(handed_off) == {"model", "model.model.layers.1", "model.model.layers.2"}
+    # layer 1 is written in the body; 0 and 2 are held, and 2's held call stops the forward
+    assert set(handed_off) == {"model", "model.model.layers.1"}
     handed_off.clear()
     model.generate([[5, 6, 7]], max_new_tokens=3, chat=False)
     assert "model" in handed_off and not any(p.startswith("model.model") for p in handed_off)
     with pytest.raises(RuntimeError, match="intervention failed"):
-        run_trace(model, batch, read_layers=[2], interventions=[Raises()])
+        run_trace(model, batch, read_layers=[0, 2], interventions=[Raises()])  # 0 is held
     monkeypatch.undo()
     assert [list(state.routes) for _, state in model.routed_modules()] == routes
+    layer_class = type(model.adapter.decoder_layers(hf)[0])
+    assert all(state.body is layer_class.forward for state in model.layer_states())
     ids = torch.tensor([_ids(model, [PROMPTS[1]])[0]])
     with torch.inference_mode(), model.nn.trace(input_ids=ids):
         attention = model.layers[0].self_attn.output[0].save()
