@@ -53,6 +53,7 @@ from mahals.models import load_model  # noqa: E402
 from mahals.pipelines.phase1 import Phase1Config, run_phase1  # noqa: E402
 from mahals.registry import ModelSpec, Registry  # noqa: E402
 from mahals.steering import Steering, SteeringVector, steer  # noqa: E402
+from mahals.workers import start_warm_workers, stop_warm_workers  # noqa: E402
 
 LLAMA_70B = dict(
     vocab_size=128256,
@@ -179,7 +180,9 @@ class TimedLoader(RandomLoader):
         seconds = time.perf_counter() - started
         self.timings.mkdir(parents=True, exist_ok=True)
         record = {"key": spec.key, "pid": os.getpid(), "started": wall, "seconds": seconds,
-                  "process_started": process_started()}  # fmt: skip
+                  "process_started": process_started(), "torch_threads": torch.get_num_threads(),
+                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                  "cpus_allowed": len(os.sched_getaffinity(0))}  # fmt: skip
         (self.timings / f"{spec.key}.{os.getpid()}.{wall:.6f}.json").write_text(json.dumps(record))
         return model
 
@@ -246,28 +249,34 @@ def fanout(args, gpus: int) -> dict:
     _, keys = _fanout_registry(args.smoke)
     work = Path(tempfile.mkdtemp(prefix="mahals_scale_"))
     data = _write_prompts(work / "prompts.csv", args.per_cell)
-    parallel = max(gpus, 2)
+    parallel = gpus or 2  # one worker per GPU (two on the CPU)
     row = {"experiment": "fanout", "engine": args.engine, "models": list(keys),
            "prompts_per_model": 8 * args.per_cell, "gpus": gpus}  # fmt: skip
     engines = (
         [f"ray_{start}" for start in args.ray_start] if args.engine == "ray" else ["processes"]
     )
     for mode in ("sequential", *engines):
-        if mode == "ray_cluster":  # started before the run's clock, as a cluster would be
+        warm_up = None
+        if mode in ("ray_cluster", "ray_warm"):  # started before the run's clock, as a cluster
+            warm_up = time.perf_counter()
             ray_cli("start", "--head", f"--num-gpus={gpus}", f"--num-cpus={os.cpu_count()}",
                     "--include-dashboard=false", "--disable-usage-stats")  # fmt: skip
+            if mode == "ray_warm":  # `mahals workers up`: the pipelines imported, CUDA ready
+                start_warm_workers("auto", workers=parallel)
+            warm_up = time.perf_counter() - warm_up
         timings = work / f"timings_{mode}"
         started_wall = time.time()
         started = time.perf_counter()
         ray_ready = None
         if mode == "sequential":
             _phase1(args, keys, data, work / mode, timings)
+            finished = time.perf_counter()
             folders = {key: work / mode for key in keys}
         elif mode.startswith("ray"):
             import ray
 
             ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
-            if mode == "ray_cluster":  # a cluster started before the run (`ray start --head`)
+            if mode in ("ray_cluster", "ray_warm"):  # a cluster started before the run
                 ray.init(address="auto")
             else:  # a Ray of the run's own, as mahals starts one; all CPUs: each worker
                 # reserves its GPU's share (16 threads on a 64-CPU, 4-GPU node)
@@ -279,17 +288,23 @@ def fanout(args, gpus: int) -> dict:
                          _system_config=no_prestart if mode == "ray_no_prestart" else None)  # fmt: skip
             ray_ready = time.time() - started_wall
             try:
-                _phase1(args, keys, data, work / mode, timings, workers=parallel)
+                # the address: the Ray this process is connected to, also for a single worker
+                _phase1(args, keys, data, work / mode, timings, workers=parallel, ray_address="auto")
+                finished = time.perf_counter()  # the run's end: tearing Ray down is not the run's
             finally:
+                if mode == "ray_warm":
+                    stop_warm_workers("auto")
                 ray.shutdown()
-                if mode == "ray_cluster":
+                if mode in ("ray_cluster", "ray_warm"):
                     ray_cli("stop")
             folders = {key: work / mode for key in keys}
         else:
             spawn_args = (args, keys, data, work / mode, timings, parallel)
             torch.multiprocessing.spawn(_process_part, args=spawn_args, nprocs=parallel)
+            finished = time.perf_counter()
             folders = {key: work / mode / f"part_{i % parallel}" for i, key in enumerate(keys)}
-        wall = time.perf_counter() - started
+        wall = finished - started
+        teardown = time.perf_counter() - finished
         loads = [json.loads(p.read_text()) for p in timings.glob("*.json")]
         per_process: dict[int, float] = {}
         for load in loads:
@@ -304,6 +319,8 @@ def fanout(args, gpus: int) -> dict:
             "wall_seconds": round(wall, 2),
             "startup_seconds": round(startup, 2),
             "ray_init_seconds": None if ray_ready is None else round(ray_ready, 2),
+            "before_the_clock_seconds": None if warm_up is None else round(warm_up, 2),
+            "teardown_after_the_clock_seconds": round(teardown, 2),
             "worker_process_started_seconds": sorted(
                 round(load["process_started"] - started_wall, 2) for load in first_load.values()
             ) if ray_ready is not None else None,
@@ -314,6 +331,9 @@ def fanout(args, gpus: int) -> dict:
             "weight_creation_seconds_busiest_process": round(creation, 2),
             "wall_excluding_startup_and_weights": round(wall - startup - creation, 2),
             "aqi": {key: round(results[key]["AQI"], 4) for key in keys},
+            "model_seconds": {key: results[key].get("seconds") for key in keys},
+            "loading_processes": sorted({(load["torch_threads"], load["omp_num_threads"],
+                                          load["cpus_allowed"]) for load in loads}),
         }  # fmt: skip
     for engine in engines:
         row[engine]["same_aqi"] = row["sequential"]["aqi"] == row[engine]["aqi"]
@@ -463,12 +483,13 @@ def main() -> None:
     parser.add_argument("--engine", choices=("ray", "processes"),
                         default="ray" if importlib.util.find_spec("ray") else "processes",
                         help="fanout: Ray tasks (default when installed) or one process per GPU")  # fmt: skip
-    parser.add_argument("--ray-start", nargs="+", choices=("local", "no_prestart", "cluster"),
+    parser.add_argument("--ray-start", nargs="+", choices=("local", "no_prestart", "cluster", "warm"),
                         default=["local"],
                         help="fanout under Ray, one run each: a Ray the run starts itself as mahals "
                              "does (local), the same without Ray's idle worker processes started "
-                             "per CPU (no_prestart), or the cluster running already (cluster: "
-                             "`ray start --head` before the benchmark)")  # fmt: skip
+                             "per CPU (no_prestart), the cluster running already (cluster: "
+                             "`ray start --head` before the run's clock), or that cluster with warm "
+                             "workers up (warm: `mahals workers up` before the clock)")  # fmt: skip
     parser.add_argument("--json", help="append each result row as JSON to this file")
     args = parser.parse_args()
     if args.smoke:
@@ -481,8 +502,8 @@ def main() -> None:
             1,
         )
     gpus = 0 if args.smoke else torch.cuda.device_count()
-    if not args.smoke and gpus < 2:
-        raise SystemExit(f"benchmarks/scale.py needs at least 2 GPUs, sees {gpus} (or --smoke)")
+    if not args.smoke and gpus < (2 if {"split", "big"} & set(args.only) else 1):
+        raise SystemExit(f"split and big need at least 2 GPUs, this machine has {gpus} (or --smoke)")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     card = "CPU" if args.smoke else torch.cuda.get_device_name()
     stamp = {"date": datetime.date.today().isoformat(), "card": card, "gpus": gpus}

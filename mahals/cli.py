@@ -21,6 +21,7 @@ PHASES = {
     "phase22": ("mahals.pipelines.phase22", "Phase 2.2: apply steering vectors, λ sweeps"),
     "phase23": ("mahals.pipelines.phase23", "Phase 2.3: carry a steering vector to other architectures"),
     "pair": ("mahals.pairs", "DPO-LoRA pairs: train an adapter (pair dpo) or check one (pair evaluate)"),
+    "workers": ("mahals.workers", "warm Ray workers kept up between runs: workers up|down|status"),
     "demo": ("mahals.pipelines.demo", "offline demo: Phase 1 + Phase 2.1 on the small PyPI-shipped models"),
 }  # fmt: skip
 

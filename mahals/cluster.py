@@ -16,6 +16,9 @@ tasks fill the workers evenly (:func:`balanced_groups`: six models on four GPUs 
 half-model tasks, where one task per model could not beat 3×), and the item's own task then
 only combines their files.
 
+On a cluster where ``mahals workers up`` started warm workers (:mod:`mahals.workers`), a run
+uses those instead of starting its own, and leaves them up.
+
 Ray is an optional extra (``pip install 'mahals[cluster]'``). Without it, or with
 ``--workers 1`` and no address, :func:`fan_out` returns ``None`` and the phase runs its
 sequential loop unchanged. On a multi-node cluster the output folder must be on a file system
@@ -31,7 +34,6 @@ import functools
 import importlib.util
 import logging
 import math
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mahals.registry import ModelSpec
+from mahals.workers import Worker, usable_warm_workers
 
 if TYPE_CHECKING:
     from mahals.pipelines.common import ItemTask
@@ -50,8 +53,10 @@ __all__ = [
     "Split",
     "USABLE_MEMORY_FRACTION",
     "balanced_groups",
+    "capacity_and_cpus",
     "check_fits",
     "fan_out",
+    "import_ray",
     "local_gpu_memory",
     "parameter_count",
     "ray_available",
@@ -191,7 +196,7 @@ class FanOut:
         A task's failure stops the run with that task's exception (items that other tasks
         finished keep their result files).
         """
-        ray = _import_ray()
+        ray = import_ray()
         started_here = not ray.is_initialized()
         if started_here:
             try:
@@ -221,17 +226,11 @@ class FanOut:
             )
             for group in groups.values()
         )
-        cpus_per_gpu = min(
-            (int(node.get("CPU", 1)) // int(node["GPU"]) for node in nodes if node.get("GPU")),
-            default=1,
-        )
-        cpus = task_cpus(gpus, cpus_per_gpu)
-        capacity = sum(
-            int(node.get("CPU", 0)) // cpus
-            if not gpus
-            else min(int(node.get("CPU", 0)) // cpus, int(node.get("GPU", 0)) // gpus)
-            for node in nodes
-        )
+        warm = usable_warm_workers(ray, gpus)
+        if warm:
+            capacity, cpus = len(warm), warm[0].cpus
+        else:
+            capacity, cpus = capacity_and_cpus(nodes, gpus)
         if capacity < 1:
             raise ClusterError(f"no Ray node can hold a worker of {gpus} GPU(s) and {cpus} CPU(s)")
         slots = min(self.workers or capacity, capacity)
@@ -251,14 +250,17 @@ class FanOut:
         outstanding = {name: len(parts) for name, parts in part_groups.items()}
         n_workers = min(slots, len(part_queue) + len(item_queue))
         log.info(
-            "Ray: %d worker(s) of %d GPU(s) and %d CPU(s) for %d item(s) in %d task(s)%s",
-            n_workers, gpus, cpus, len(tasks), len(groups),
+            "Ray: %d %sworker(s) of %d GPU(s) and %d CPU(s) for %d item(s) in %d task(s)%s",
+            n_workers, "warm " if warm else "", gpus, cpus, len(tasks), len(groups),
             f", first {len(part_queue)} part task(s)" if part_queue else "",
         )  # fmt: skip
-        worker_class = ray.remote(_Worker)
-        workers = [
-            worker_class.options(num_gpus=gpus, num_cpus=cpus).remote() for _ in range(n_workers)
-        ]
+        if warm:
+            workers = [worker.handle for worker in warm[:n_workers]]
+        else:
+            actor = ray.remote(Worker)
+            workers = [
+                actor.options(num_gpus=gpus, num_cpus=cpus).remote() for _ in range(n_workers)
+            ]
         item_function = ray.put(functools.partial(_run_group, compute))
         part_function = ray.put(split.compute) if split is not None else None
         idle, in_flight = list(workers), {}
@@ -287,7 +289,7 @@ class FanOut:
                         if outstanding[name] == 0:
                             item_queue.append(name)
         finally:
-            for worker in workers:
+            for worker in workers if not warm else ():
                 ray.kill(worker)
 
 
@@ -315,23 +317,6 @@ def balanced_groups(
             loads[lightest] += weight(part)
         grouped[owner] = [group for group in bins if group]
     return grouped
-
-
-class _Worker:
-    """A Ray actor that computes what it is given, one call at a time. Long-lived, so each
-    GPU's process imports torch, initialises CUDA and warms up once per run (a Ray task that
-    reserves GPUs gets a fresh process each time)."""
-
-    def __init__(self) -> None:
-        logger = logging.getLogger("mahals")
-        if not logger.handlers:  # the worker's log reaches the driver's console through Ray
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-
-    def call(self, function: Callable[[Any], Any], argument: Any) -> Any:
-        return function(argument)
 
 
 def task_cpus(gpus: int, cpus_per_gpu: int) -> int:
@@ -367,7 +352,25 @@ def _run_group(compute: Callable[[str], Mapping[str, Any]], tasks: Sequence[Item
     return [compute_item(compute, task) for task in tasks]
 
 
-def _import_ray():
+def capacity_and_cpus(nodes: Sequence[Mapping[str, Any]], gpus: int) -> tuple[int, int]:
+    """How many workers of ``gpus`` GPUs the Ray ``nodes`` (their resources) hold at once, and
+    the CPUs each reserves (:func:`task_cpus`)."""
+    cpus_per_gpu = min(
+        (int(node.get("CPU", 1)) // int(node["GPU"]) for node in nodes if node.get("GPU")),
+        default=1,
+    )
+    cpus = task_cpus(gpus, cpus_per_gpu)
+    capacity = sum(
+        int(node.get("CPU", 0)) // cpus
+        if not gpus
+        else min(int(node.get("CPU", 0)) // cpus, int(node.get("GPU", 0)) // gpus)
+        for node in nodes
+    )
+    return capacity, cpus
+
+
+def import_ray():
+    """The ``ray`` module, or :class:`ClusterError` naming the extra that installs it."""
     try:
         import ray
     except ImportError as error:
@@ -390,7 +393,7 @@ def fan_out(
         return None
     if not ray_available():
         if address is not None:
-            _import_ray()
+            import_ray()
         log.warning(
             "--workers %d: Ray is not installed (pip install 'mahals[cluster]'); running the "
             "items one after another",

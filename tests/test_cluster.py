@@ -307,6 +307,41 @@ def test_second_run_into_a_busy_folder_is_refused_and_the_first_completes(
     assert summary(out / "phase1_summary.json") == summary(whole.summary_path)
 
 
+def test_warm_workers_serve_runs_stay_up_and_refuse_other_code(
+    study, local_ray, tmp_path, monkeypatch, capsys
+):
+    """Warm workers (``mahals workers up``) run a phase's items, the result equals the
+    sequential run's and the workers stay up for the next run; a driver whose code differs
+    from theirs is refused, naming both fingerprints, and ``workers status`` calls them stale."""
+    from mahals import cli, workers
+
+    sequential = run_phase1(study, phase1_config(study, tmp_path / "sequential"))
+    warm = workers.start_warm_workers("auto", workers=2)
+    try:
+        assert len(warm) == 2
+        assert {worker.fingerprint for worker in warm} == {workers.code_fingerprint()}
+        pids = {worker.pid for worker in warm}
+        assert os.getpid() not in pids
+        parallel = run_phase1(study, phase1_config(study, tmp_path / "warm", workers=2))
+        assert summary(parallel.summary_path) == summary(sequential.summary_path)
+        served = {
+            json.loads((tmp_path / "warm" / key / ITEM_RESULT_NAME).read_text())["worker"]["pid"]
+            for key in PHASE1_MODELS
+        }
+        assert served <= pids
+        assert {worker.pid for worker in workers.find_warm_workers(ray)} == pids  # still up
+
+        monkeypatch.setattr(workers, "code_fingerprint", lambda: "0" * 16)
+        with pytest.raises(cluster.ClusterError, match=f"{warm[0].fingerprint}.*{'0' * 16}"):
+            run_phase1(study, phase1_config(study, tmp_path / "stale", workers=2))
+        capsys.readouterr()
+        assert cli.main(["workers", "status"]) == 0
+        assert capsys.readouterr().out.count("STALE") == 2
+    finally:
+        assert workers.stop_warm_workers("auto") == 2
+    assert workers.find_warm_workers(ray) == []
+
+
 # ------------------------------------------------------------------------------ the planner
 
 
