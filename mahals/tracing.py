@@ -24,7 +24,8 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   module and forward pass (106 → 5 in a bare trace of a 32-layer model).
 * The forward stops after the last layer it needs, unless logits are asked for: through
   ``tracer.stop()`` in the body, or, when that layer is held, by raising nnsight's own
-  ``EarlyStopException`` in its held call (nnsight's interleaver ends the run on it).
+  ``EarlyStopException`` in its held call (nnsight's interleaver ends the run on it) — unless
+  accelerate's device hook is on that layer, whose work after the forward must run.
 """
 
 from __future__ import annotations
@@ -296,6 +297,11 @@ def run_trace(
     # The forward stops after the last layer it needs, unless logits are read: in the body when
     # it visits that layer, else in the layer's held call (sparing the body a switch there).
     stop_held = logits_reader is None and bool(held) and (not visit or held[-1] > visit[-1])
+    if stop_held and "_hf_hook" in model.adapter.decoder_layers(model.hf)[held[-1]].__dict__:
+        # accelerate's device hook (a model placed by a device map) has work after the layer's
+        # forward (offloaded weights go back) that a stop inside it would skip: stop in the body
+        visit.append(held.pop())
+        stop_held = False
     envoys = model.layers
     # The trace body runs in nnsight's worker: results leave it through these lists (a plain
     # assignment inside the block would not reach this frame).

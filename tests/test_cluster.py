@@ -416,7 +416,15 @@ def test_a_model_dispatched_by_a_device_map_captures_steers_and_generates_as_uns
     split = load_model(hf, tokenizer=tiny_tokenizer, device_map=_split_map(hf), verbose=False)
     assert split.hf.hf_device_map["model.layers.1"] == "cpu"
     assert hasattr(split.hf.model.layers[1], "_hf_hook")  # accelerate's device hooks are on
-    torch.testing.assert_close(capture(split, prompts, pool="mean").tensor, expected.tensor)
+    last = split.hf.model.layers[-1]._hf_hook  # the layer a capture of every layer stops at
+    finished = []
+    post_forward = last.post_forward
+    last.post_forward = lambda module, output: finished.append(1) or post_forward(module, output)
+    try:
+        torch.testing.assert_close(capture(split, prompts, pool="mean").tensor, expected.tensor)
+    finally:
+        del last.post_forward
+    assert finished == [1]  # its device hook finished (offloaded weights would go back there)
     with steer(split, Steering(vector, alpha=0.5, layers=(1,))):
         torch.testing.assert_close(capture(split, prompts, pool="last").tensor, steered_expected)
         assert split.generate(prompts, max_new_tokens=4, chat=False).token_ids == generated_expected
