@@ -47,6 +47,7 @@ WARM_NAMESPACE = "mahals"
 """Ray namespace of the warm workers; each is named ``mahals-warm-<i>``."""
 
 _WARM_PREFIX = "mahals-warm-"
+_DESCRIBE = "describe"
 _PIPELINES = ("phase1", "phase2", "phase22", "phase23")
 _VERSIONED = ("torch", "transformers", "nnsight")
 
@@ -129,6 +130,12 @@ class WarmWorker:
     pid: int
 
 
+def _describe(handle):
+    """``handle.describe()`` in the warm worker's own concurrency group, so that it answers
+    while the worker computes a task (its tasks still run one at a time)."""
+    return handle.describe.options(concurrency_group=_DESCRIBE).remote()
+
+
 def _warm_names() -> list[str]:
     from ray.util import list_named_actors
 
@@ -143,7 +150,7 @@ def find_warm_workers(ray) -> list[WarmWorker]:
     """The warm workers on the cluster ``ray`` is connected to, by name (none: ``[]``)."""
     names = _warm_names()
     handles = [ray.get_actor(name, namespace=WARM_NAMESPACE) for name in names]
-    described = ray.get([handle.describe.remote() for handle in handles])
+    described = ray.get([_describe(handle) for handle in handles])
     return [
         WarmWorker(name, handle, **facts)
         for name, handle, facts in zip(names, handles, described, strict=True)
@@ -207,7 +214,7 @@ def start_warm_workers(
                 f"the cluster holds {capacity} worker(s) of {gpus} GPU(s) and {cpus} CPU(s) "
                 f"each; {count} asked for"
             )
-        actor = ray.remote(Worker)
+        actor = ray.remote(concurrency_groups={_DESCRIBE: 1})(Worker)
         handles = [
             actor.options(
                 name=f"{_WARM_PREFIX}{index}", namespace=WARM_NAMESPACE, lifetime="detached",
@@ -215,7 +222,7 @@ def start_warm_workers(
             ).remote(warm=True)
             for index in range(count)
         ]  # fmt: skip
-        ray.get([handle.describe.remote() for handle in handles])
+        ray.get([_describe(handle) for handle in handles])
         warm = find_warm_workers(ray)
         log.info(
             "%d warm worker(s) up, %d GPU(s) and %d CPU(s) each, code %s",

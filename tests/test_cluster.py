@@ -330,6 +330,11 @@ def test_warm_workers_serve_runs_stay_up_and_refuse_other_code(
         }
         assert served <= pids
         assert {worker.pid for worker in workers.find_warm_workers(ray)} == pids  # still up
+        busy = warm[0].handle.call.remote(time.sleep, 20)  # another run's long task
+        asked = time.monotonic()
+        assert len(workers.find_warm_workers(ray)) == 2  # answered while it computes
+        assert time.monotonic() - asked < 10
+        ray.cancel(busy, force=False)
 
         monkeypatch.setattr(workers, "code_fingerprint", lambda: "0" * 16)
         with pytest.raises(cluster.ClusterError, match=f"{warm[0].fingerprint}.*{'0' * 16}"):
