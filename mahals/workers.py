@@ -12,7 +12,10 @@ their GPUs, idle or not. A warm worker records the :func:`code_fingerprint` of t
 imported; a run whose own fingerprint differs (mahals edited or reinstalled, other torch /
 transformers / nnsight, another ``$MAHALS_REGISTRY``) refuses to use them rather than compute
 with stale code. Two runs may share the warm workers (each call runs alone on its worker);
-a run into the same output folder is refused as before (the folder's lock).
+a run into the same output folder is refused as before (the folder's lock). A driver killed
+mid-run leaves its running tasks finishing on the warm workers (each writes its item's result
+file atomically): a rerun started before they end may compute such an item a second time, and
+never mixes the two.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Scale-out on CPU: Phase 1 and Phase 2.1 as Ray tasks on tiny random-weight checkpoints (shape
 tests, not findings) give the sequential run's summaries; a driver killed after its first
-finished item resumes without recomputing it; a second run into a busy folder is refused; the
-planner's GPU and memory rule; models split by a device map."""
+finished item resumes without recomputing it; a second run into a busy folder is refused; warm
+workers serve runs, stay up and refuse a driver with other code; the planner's GPU and memory
+rule; models split by a device map."""
 
 from __future__ import annotations
 
