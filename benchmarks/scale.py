@@ -257,7 +257,8 @@ def fanout(args, gpus: int) -> dict:
     )
     for mode in ("sequential", *engines):
         warm_up = None
-        if mode in ("ray_cluster", "ray_warm"):  # started before the run's clock, as a cluster
+        on_cluster = mode in ("ray_cluster", "ray_warm")
+        if on_cluster:  # started before the run's clock, as a cluster would be
             warm_up = time.perf_counter()
             ray_cli("start", "--head", f"--num-gpus={gpus}", f"--num-cpus={os.cpu_count()}",
                     "--include-dashboard=false", "--disable-usage-stats")  # fmt: skip
@@ -276,7 +277,7 @@ def fanout(args, gpus: int) -> dict:
             import ray
 
             ray.cloudpickle.register_pickle_by_value(shapes)  # the loader's module, to the workers
-            if mode in ("ray_cluster", "ray_warm"):  # a cluster started before the run
+            if on_cluster:
                 ray.init(address="auto")
             else:  # a Ray of the run's own, as mahals starts one; all CPUs: each worker
                 # reserves its GPU's share (16 threads on a 64-CPU, 4-GPU node)
@@ -295,7 +296,7 @@ def fanout(args, gpus: int) -> dict:
                 if mode == "ray_warm":
                     stop_warm_workers("auto")
                 ray.shutdown()
-                if mode in ("ray_cluster", "ray_warm"):
+                if on_cluster:
                     ray_cli("stop")
             folders = {key: work / mode for key in keys}
         else:

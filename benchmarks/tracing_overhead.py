@@ -17,8 +17,8 @@ noisy spell on the host hits every method alike), and each row gives each method
                      at all positions
 * ``stream_switch``  ``--decompose``: ``mahals_stream`` with ``tracing.HOLD_BYTES = 0``, so
                      every layer is read through its own switch into the trace body
-* ``trace_last``     ``--decompose``: a bare ``run_trace`` touching only the last layer, one
-                     synchronisation per batch (the per-trace cost)
+* ``trace_last``     ``--decompose``: a bare ``run_trace`` reading only the last layer (held:
+                     an empty trace body), one synchronisation per batch (the per-trace cost)
 * ``trace_pool``     ``--decompose``: the streamed capture's main-thread work without its
                      host copies: pad, ``run_trace`` pooling every layer, no synchronisation
 * ``trace_pool_stage`` the same, also staging each batch's copy to pinned host memory and

@@ -114,6 +114,7 @@ class MahalsModel:
     active_interventions: list = field(default_factory=list, repr=False)
     _freed: bool = field(default=False, repr=False)
     _routed: list | None = field(default=None, repr=False)
+    _blocks: list | None = field(default=None, repr=False)
     _layer_states: list | None = field(default=None, repr=False)
 
     @property
@@ -168,13 +169,19 @@ class MahalsModel:
             ]
         return self._routed
 
+    def decoder_blocks(self) -> list[torch.nn.Module]:
+        """The decoder layers' modules (``[n_layers]``), found once."""
+        self._check_alive()
+        if self._blocks is None:
+            self._blocks = list(self.adapter.decoder_layers(self.hf))
+        return self._blocks
+
     def layer_states(self) -> list[object]:
         """nnsight's state of each decoder layer (``[n_layers]``; every layer is routed), whose
         ``body`` is the forward its controller runs; found once."""
         self._check_alive()
         if self._layer_states is None:
-            blocks = self.adapter.decoder_layers(self.hf)
-            self._layer_states = [block.__dict__[NNSIGHT_STATE] for block in blocks]
+            self._layer_states = [block.__dict__[NNSIGHT_STATE] for block in self.decoder_blocks()]
         return self._layer_states
 
     def generate(

@@ -297,7 +297,7 @@ def run_trace(
     # The forward stops after the last layer it needs, unless logits are read: in the body when
     # it visits that layer, else in the layer's held call (sparing the body a switch there).
     stop_held = logits_reader is None and bool(held) and (not visit or held[-1] > visit[-1])
-    if stop_held and "_hf_hook" in model.adapter.decoder_layers(model.hf)[held[-1]].__dict__:
+    if stop_held and "_hf_hook" in model.decoder_blocks()[held[-1]].__dict__:
         # accelerate's device hook (a model placed by a device map) has work after the layer's
         # forward (offloaded weights go back) that a stop inside it would skip: stop in the body
         visit.append(held.pop())

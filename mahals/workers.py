@@ -44,6 +44,7 @@ __all__ = [
     "find_warm_workers",
     "start_warm_workers",
     "stop_warm_workers",
+    "usable_warm_workers",
 ]
 
 WARM_NAMESPACE = "mahals"
