@@ -314,8 +314,9 @@ class _PoolingReader:
         if self._batch is batch:
             return
         self._batch = batch
-        self._rows = torch.arange(batch.size, device=hidden.device)
         self._mask = None
+        if self.pool != "mean":
+            self._rows = torch.arange(batch.size, device=hidden.device)
         if self.pool == "mean" and self.sinks != "norm":
             mask = (
                 batch.token_mask()

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from nnsight.intervention.interleaver import EarlyStopException
@@ -108,29 +109,33 @@ class Batch:
         sizes = [len(seq) for seq in sequences]
         length = max(sizes)
         padded = min(sizes) != length
-        # One tensor from padded lists: a per-row copy into a preallocated block costs a
-        # small-batch trace more host time than the rest of the padding together.
+        # Built with numpy from padded lists: a small batch's trace feels every host-side
+        # operation, and a numpy one costs a small fraction of a torch one on the CPU.
         if not padded:
             rows = sequences
         elif side == "left":
             rows = [[pad_id] * (length - len(seq)) + list(seq) for seq in sequences]
         else:
             rows = [list(seq) + [pad_id] * (length - len(seq)) for seq in sequences]
-        ids = torch.tensor(rows, dtype=torch.long)
-        lengths = torch.tensor(sizes, dtype=torch.long)
-        first = length - lengths if side == "left" else torch.zeros_like(lengths)
+        ids = np.array(rows, dtype=np.int64)
+        lengths = np.array(sizes, dtype=np.int64)
+        first = length - lengths if side == "left" else np.zeros_like(lengths)
         last = first + lengths - 1
-        column = torch.arange(length)
-        mask = ((column >= first[:, None]) & (column <= last[:, None])).long()
-        position_ids = torch.minimum((column - first[:, None]).clamp(min=0), (lengths - 1)[:, None])
+        column = np.arange(length)
+        mask = ((column >= first[:, None]) & (column <= last[:, None])).astype(np.int64)
+        position_ids = np.minimum(np.maximum(column - first[:, None], 0), (lengths - 1)[:, None])
         if device.type != "cuda":
-            return cls(ids, mask, position_ids, first, last, padded=padded)
+            parts = [torch.from_numpy(part) for part in (ids, mask, position_ids, first, last)]
+            return cls(*parts, padded=padded)
         # One pinned buffer, one non-blocking copy: a pageable copy would wait for the GPU to
         # finish the previous batch, and five small copies cost five launches.
-        rows, cells = len(sequences), len(sequences) * length
-        packed = torch.cat([ids.flatten(), mask.flatten(), position_ids.flatten(), first, last])
-        parts = packed.pin_memory().to(device, non_blocking=True).split([cells] * 3 + [rows] * 2)
-        ids, mask, position_ids = (part.view(rows, length) for part in parts[:3])
+        n_rows, cells = len(sequences), ids.size
+        staged = torch.empty(3 * cells + 2 * n_rows, dtype=torch.long, pin_memory=True)
+        np.concatenate(
+            [ids.ravel(), mask.ravel(), position_ids.ravel(), first, last], out=staged.numpy()
+        )
+        parts = staged.to(device, non_blocking=True).split([cells] * 3 + [n_rows] * 2)
+        ids, mask, position_ids = (part.view(n_rows, length) for part in parts[:3])
         return cls(ids, mask, position_ids, parts[3], parts[4], padded=padded)
 
     @property
