@@ -3,7 +3,9 @@
 Same model, same batches of random token ids (no padding). Each method runs over all the
 batches once per round; rounds repeat ``--repeats`` times with the methods interleaved (so a
 noisy spell on the host hits every method alike), and each row gives each method's best round
-(``ratio_to_decoder``) and its median round (``median_ratio_to_decoder``):
+(``ratio_to_decoder``), its median round (``median_ratio_to_decoder``) and the median over rounds
+of its ratio to the floor within the same round (``paired_ratio_to_decoder``: a spell that slows
+one round slows both sides of that round's ratio); ``round_seconds`` keeps every round:
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``decoder_again``  the floor again, as a method of its own (A/A: the host's spread)
@@ -161,6 +163,11 @@ def main() -> None:
         ]
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
         times = rounds(methods, args.repeats)
+        floor = times["decoder"]
+        paired = {  # mahals_all is timed in rounds of its own: not paired with the floor
+            name: round(statistics.median(f / t for f, t in zip(floor, value, strict=True)), 4)
+            for name, value in times.items()
+        }
         # instrument="all" re-installs nnsight's controllers on the shared modules: time it
         # last, then wrap the model again with the default routing for the next shape.
         every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
@@ -183,6 +190,8 @@ def main() -> None:
             "median_ratio_to_decoder": {
                 k: round(v / medians["decoder"], 4) for k, v in medians.items()
             },
+            "paired_ratio_to_decoder": paired,
+            "round_seconds": {k: [round(t, 5) for t in v] for k, v in times.items()},
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
