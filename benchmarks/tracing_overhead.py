@@ -108,6 +108,20 @@ def hooked_pooling(decoder, layers):
     return run
 
 
+def llama_8b_shape(device: torch.device, smoke: bool = False):
+    """The Llama-3.1-8B shape with random bf16 weights and sdpa on ``device``, in eval mode
+    (``smoke``: 6 tiny layers)."""
+    config = SHAPES["llama"]()
+    if smoke:
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 64, 128
+        config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 256
+    with device:
+        hf = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    return hf.eval()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -125,15 +139,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
-    config = SHAPES["llama"]()
-    if args.smoke:
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 64, 128
-        config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 256
-    with device:
-        hf = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
-    hf.eval()
+    hf = llama_8b_shape(device, smoke=args.smoke)
     tokenizer = word_tokenizer()
     model = load_model(hf, tokenizer=tokenizer, verbose=False)
     decoder = hf.get_decoder()

@@ -18,6 +18,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,8 +27,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from shapes import SHAPES, word_tokenizer  # noqa: E402
-from tracing_overhead import floor_forward, hooked_pooling  # noqa: E402
+from shapes import word_tokenizer  # noqa: E402
+from tracing_overhead import floor_forward, hooked_pooling, llama_8b_shape, rounds  # noqa: E402
 
 from mahals.activations import capture  # noqa: E402
 from mahals.models import load_model  # noqa: E402
@@ -154,12 +155,7 @@ def main() -> None:
         "--breakdown", action="store_true", help="time the capture's parts on the host"
     )
     args = parser.parse_args()
-    config = SHAPES["llama"]()
-    with torch.device("cuda"):
-        hf = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
-    hf.eval()
+    hf = llama_8b_shape(torch.device("cuda"))
     model = load_model(hf, tokenizer=word_tokenizer(), verbose=False)
     decoder = hf.get_decoder()
     layers = model.adapter.decoder_layers(hf)
@@ -177,16 +173,10 @@ def main() -> None:
             model, texts, pool="mean", batch_size=args.batch, progress=False
         ),
     }
-    for fn in methods.values():
-        fn()
-    walls: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            walls[name].append((time.perf_counter() - start) / args.batches * 1e6)
+    walls = {
+        name: [seconds / args.batches * 1e6 for seconds in times]
+        for name, times in rounds(methods, args.repeats).items()
+    }
     row = {
         "card": torch.cuda.get_device_name(),
         "batch": args.batch,
@@ -204,7 +194,7 @@ def main() -> None:
         busy, idle = busy_and_idle(spans)
         row[name] = {
             "wall_us_best": round(min(walls[name])),
-            "wall_us_median": round(sorted(walls[name])[len(walls[name]) // 2]),
+            "wall_us_median": round(statistics.median(walls[name])),
             "gpu_busy_us": round(busy / args.batches),
             "gpu_idle_us": round(idle / args.batches),
             "gpu_ops_per_batch": round(len(spans) / args.batches, 1),
