@@ -128,10 +128,13 @@ def test_pretokenised_and_padded_mappings_match_texts(tiny_model):
     from_texts = capture(tiny_model, TEXTS[:4], pool="last")
     ids = [tok(t)["input_ids"] for t in TEXTS[:4]]
     from_ids = capture(tiny_model, ids, pool="last")
+    mixed = [torch.tensor(ids[0]), tuple(ids[1]), *ids[2:]]
+    from_mixed = capture(tiny_model, mixed, pool="last")
     tok.padding_side = "left"
     padded = tok(TEXTS[:4], padding=True, return_tensors="pt")
     from_mapping = capture(tiny_model, dict(padded), pool="last")
     torch.testing.assert_close(from_ids.tensor, from_texts.tensor)
+    torch.testing.assert_close(from_mixed.tensor, from_texts.tensor)
     assert_close(from_mapping.tensor, from_texts.tensor, rel=1e-5)
 
 
@@ -201,14 +204,15 @@ class _NanInRowsWith:
 @pytest.mark.parametrize(
     ("staging_bytes", "landing_bytes"),
     [(1 << 30, 64 << 20), (1 << 30, 1), (1, 1)],
-    ids=["lands-at-the-end", "lands-per-batch-on-a-thread", "buffer-reused-per-batch"],
+    ids=["lands-in-halving-steps", "lands-per-batch-on-a-thread", "buffer-reused-per-batch"],
 )
 def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     tiny_tokenizer, monkeypatch, staging_bytes, landing_bytes
 ):
-    """Batches staged in pinned memory on CUDA land in input order (all at the end in the
-    calling thread, or batch by batch on the helper thread, reusing the buffer or not): equal
-    to the CPU capture of the same weights; a NaN is named by its layers and input rows."""
+    """Batches staged in pinned memory on CUDA land in input order (in steps on the helper
+    thread, the last one a single batch; batch by batch, reusing the buffer or not; a single
+    batch in the calling thread): equal to the CPU capture of the same weights; a NaN is named
+    by its layers and input rows."""
     import mahals.activations
 
     from conftest import build_tiny
@@ -219,8 +223,19 @@ def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     texts = [" ".join(["word"] * (1 + i % 7)) + f" text {i}" for i in range(23)]
     want = capture(model, texts, pool="mean", batch_size=4).tensor
     model.hf.cuda()
+    landed = []
+    land = mahals.activations._Staging._land
+
+    def spy(staging, segment, done):
+        landed.append(len(segment))
+        land(staging, segment, done)
+
+    monkeypatch.setattr(mahals.activations._Staging, "_land", spy)
     got = capture(model, texts, pool="mean", batch_size=4).tensor
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert sum(landed) == 6 and landed[-1] == 1  # 23 texts in batches of 4
+    one_batch = capture(model, texts, pool="mean", batch_size=len(texts)).tensor
+    torch.testing.assert_close(one_batch, want, rtol=1e-4, atol=1e-5)
     marked = [5, 17]
     token = model.tokenizer("zebra", add_special_tokens=False)["input_ids"][-1]
     for row in marked:
