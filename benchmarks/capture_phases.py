@@ -34,17 +34,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import word_tokenizer  # noqa: E402
-from tracing_overhead import floor_forward, llama_8b_shape  # noqa: E402
+from tracing_overhead import (  # noqa: E402
+    floor_forward,
+    llama_8b_shape,
+    random_batches,
+    synchronize,
+)
 
 import mahals.activations as activations  # noqa: E402
 from mahals.models import load_model  # noqa: E402
 
 PHASES = ("pre", "traces", "wait_gpu", "land_last", "post", "free", "wall")
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        synchronize()
 
 
 def instrument(stamps: dict[str, float]) -> None:
@@ -88,10 +88,7 @@ def main() -> None:
     model = load_model(hf, tokenizer=word_tokenizer(), verbose=False)
     decoder = hf.get_decoder()
     generator = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(10, 200, (args.batch, args.seq), generator=generator).to(device)
-        for _ in range(args.batches)
-    ]
+    batches = random_batches(args.batch, args.seq, args.batches, device, generator)
     texts = [row for ids in batches for row in ids.tolist()]
     stamps: dict[str, float] = {}
     instrument(stamps)

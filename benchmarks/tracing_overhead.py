@@ -108,6 +108,13 @@ def hooked_pooling(decoder, layers):
     return run
 
 
+def random_batches(
+    batch: int, seq: int, n: int, device: torch.device, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """``n`` batches of random token ids ``[batch, seq]`` on ``device`` (no padding)."""
+    return [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
+
+
 def llama_8b_shape(device: torch.device, smoke: bool = False):
     """The Llama-3.1-8B shape with random bf16 weights and sdpa on ``device``, in eval mode
     (``smoke``: 6 tiny layers)."""
@@ -164,9 +171,7 @@ def main() -> None:
     if args.shapes:
         shapes = [shape for shape in shapes if f"{shape[0]}x{shape[1]}" in args.shapes]
     for batch, seq, n in shapes:
-        batches = [
-            torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)
-        ]
+        batches = random_batches(batch, seq, n, device, generator)
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
         times = rounds(methods, args.repeats)
         floor = times["decoder"]

@@ -28,7 +28,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import word_tokenizer  # noqa: E402
-from tracing_overhead import floor_forward, hooked_pooling, llama_8b_shape, rounds  # noqa: E402
+from tracing_overhead import (  # noqa: E402
+    floor_forward,
+    hooked_pooling,
+    llama_8b_shape,
+    random_batches,
+    rounds,
+)
 
 from mahals.activations import capture  # noqa: E402
 from mahals.models import load_model  # noqa: E402
@@ -160,10 +166,7 @@ def main() -> None:
     decoder = hf.get_decoder()
     layers = model.adapter.decoder_layers(hf)
     generator = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(10, 200, (args.batch, args.seq), generator=generator).cuda()
-        for _ in range(args.batches)
-    ]
+    batches = random_batches(args.batch, args.seq, args.batches, torch.device("cuda"), generator)
     texts = [row for ids in batches for row in ids.tolist()]
     hooks = hooked_pooling(decoder, layers)
     methods = {

@@ -149,7 +149,7 @@ def tokenize(
         ):
             # lists stay lists: a tensor round trip costs ≈ 20 µs a text
             sequences = [
-                torch.as_tensor(seq).tolist() if isinstance(seq, Tensor) else list(seq)
+                seq.tolist() if isinstance(seq, Tensor) else list(seq)
                 for seq in inputs
             ]
         elif chat or not isinstance(first, str):
