@@ -489,15 +489,15 @@ class _Staging:
     """Pooled batches on their way from the device into ``out`` (rows in input order).
 
     On CUDA each batch is one asynchronous copy into the next rows of a pinned buffer (in
-    the order the batches run) and one on-device finiteness flag copied next to it: no host
-    work, allocation or synchronisation per batch. Every :data:`LANDING_BYTES` of staged rows,
-    and towards the end whenever the rows staged but not yet handed off reach the rows still to
-    come, go to a helper thread, which waits for their copies, checks their flags (naming the
-    layers and rows of a non-finite batch) and moves them into ``out`` while the next batches
-    run; the buffer is reused from its start once every row in it has landed. A failure
-    surfaces at the next batch. The last rows land at :meth:`finish` (in the calling thread
-    when nothing was handed off: a capture of one batch starts no thread). On the CPU each batch
-    lands directly.
+    the order the batches run) and one on-device sum of its values (NaN or infinite whenever a
+    value is): no host work, allocation or synchronisation per batch. Every
+    :data:`LANDING_BYTES` of staged rows, and the rows staged before the last batch, go to a
+    helper thread with their sums (one copy a step), which waits for their copies, checks the
+    sums (naming the layers and rows of a non-finite batch) and moves the rows into ``out``
+    while the next batches run; the buffer is reused from its start once every row in it has
+    landed. A failure surfaces at the next batch. The last batch lands at :meth:`finish`, after
+    the GPU is done (in the calling thread when nothing was handed off: a capture of one batch
+    starts no thread). On the CPU each batch lands directly.
     """
 
     def __init__(
@@ -515,9 +515,10 @@ class _Staging:
         capacity = max(min(len(out), STAGING_BYTES // row_bytes), largest)
         if self.on_cuda:
             self.buffer = torch.empty((capacity, *out.shape[1:]), dtype=out.dtype, pin_memory=True)
-            self.flags = torch.ones(len(batches), dtype=torch.bool, pin_memory=True)
+            self.sums = torch.empty(len(batches), dtype=out.dtype, device=device)
+            self.host_sums = torch.empty(len(batches), dtype=out.dtype, pin_memory=True)
         self.landing_rows = max(1, LANDING_BYTES // row_bytes)
-        self.rows_to_come = sum(len(rows) for rows in batches)
+        self.n_batches = len(batches)
         self.segment: list[tuple[int, list[int], int]] = []  # (batch, rows, first buffer row)
         self.used = 0  # buffer rows staged so far
         self.batch = 0
@@ -546,15 +547,15 @@ class _Staging:
                 self.landing.popleft().result()
             self.used = 0
         with torch.cuda.device(pooled.device):
-            self.flags[index].copy_(torch.isfinite(pooled).all(), non_blocking=True)
+            torch.sum(pooled, dim=(0, 1, 2), dtype=self.sums.dtype, out=self.sums[index])
             self.buffer[self.used : self.used + len(rows)].copy_(pooled, non_blocking=True)
         self.segment.append((index, rows, self.used))
         self.used += len(rows)
-        self.rows_to_come -= len(rows)
-        pending = self.used - self.segment[0][2]
-        # halving the steps towards the end keeps the last one, which lands after the GPU is
-        # done, about a batch long (the last batch itself lands at finish)
-        if self.rows_to_come > 0 and pending >= min(self.landing_rows, self.rows_to_come):
+        # a step every landing_rows rows, and one before the last batch: what lands after the
+        # GPU is done (at finish) is that batch alone
+        before_last = index == self.n_batches - 2
+        full = self.used - self.segment[0][2] >= self.landing_rows
+        if index < self.n_batches - 1 and (before_last or full):
             self._hand_off()
 
     def finish(self) -> None:
@@ -562,6 +563,7 @@ class _Staging:
         if not self.on_cuda:
             return
         if self.lander is None and self.segment:
+            self._copy_sums(self.segment)
             torch.cuda.synchronize(self.device)
             self._land(self.segment, None)
             self.segment = []
@@ -569,9 +571,16 @@ class _Staging:
         while self.landing:
             self.landing.popleft().result()
 
+    def _copy_sums(self, segment: list[tuple[int, list[int], int]]) -> None:
+        """Queue the copy of the sums of ``segment``'s batches (consecutive) to the host."""
+        first, last = segment[0][0], segment[-1][0] + 1
+        with torch.cuda.device(self.device):
+            self.host_sums[first:last].copy_(self.sums[first:last], non_blocking=True)
+
     def _hand_off(self) -> None:
         if not self.segment:
             return
+        self._copy_sums(self.segment)
         with torch.cuda.device(self.device):
             done = torch.cuda.Event()
             done.record()
@@ -583,13 +592,18 @@ class _Staging:
     def _land(self, segment: list[tuple[int, list[int], int]], done) -> None:
         if done is not None:
             done.synchronize()
-        for index, rows, first in segment:
-            if not bool(self.flags[index]):
-                host = self.buffer[first : first + len(rows)]
-                _check_finite(host, rows, self.model, self.layer_ids)
+        first_batch = segment[0][0]
+        sums = self.host_sums[first_batch : segment[-1][0] + 1]
+        if not bool(torch.isfinite(sums).all()):
+            for index, rows, first in segment:
+                if not bool(torch.isfinite(sums[index - first_batch])):
+                    host = self.buffer[first : first + len(rows)]
+                    _check_finite(host, rows, self.model, self.layer_ids)
         order = [row for _, rows, _ in segment for row in rows]
         first = segment[0][2]
-        self.out.index_copy_(0, torch.tensor(order), self.buffer[first : first + len(order)])
+        # numpy copies on this thread alone; torch's copy would wake its intra-op thread pool,
+        # whose threads then spin on cores the main thread is launching kernels from
+        self.out.numpy()[order] = self.buffer[first : first + len(order)].numpy()
 
 
 def _check_finite(

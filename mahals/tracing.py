@@ -17,7 +17,8 @@ Every forward pass mahals makes goes through :func:`run_trace` (one trace over o
   nnsight's controller, so it sees what a body read of the layer would), and after the
   forward the reader reduces them all at once (``reader.read_many``, e.g. one masked ``bmm``
   over the stacked layers instead of one per layer). The body then touches only the layers it
-  writes; a capture without interventions has an empty trace body.
+  writes; a capture without interventions has an empty trace body (only ``pass``, which
+  nnsight runs in place rather than skipping it with a ``sys.settrace`` hook).
 * Only the modules the trace body touches hand their values to nnsight (the model itself and
   the layers it writes or reads): every other routed module runs as it does outside a trace
   for that trace (:func:`_handing_off_only`), which spares three interleaver handoffs per
@@ -325,22 +326,30 @@ def run_trace(
         warnings.catch_warnings(),
         _holding(model, held, held_outputs, stop_after_last=stop_held),
         _handing_off_only(model, visit),
-        model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer,
     ):
         warnings.simplefilter("ignore", UserWarning)
-        for layer in visit:
-            hidden = _apply(model, writers.get(layer, ()), layer, envoys[layer].output, batch)
-            if layer in read_layers:
-                if reader is not None:
-                    reads[layer] = reader(layer, hidden, batch.on(hidden.device))
-                else:
-                    # A later block may add to this tensor in place (Falcon): keep a copy.
-                    reads[layer] = hidden.clone()
-        if logits_reader is not None:
-            output_logits = model.nn.output.logits
-            logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
-        elif visit and not stop_held:
-            tracer.stop()
+        if not visit and logits_reader is None:
+            # Nothing for the body to do. A body of only `pass` runs where it stands; any
+            # other body makes nnsight switch sys.settrace on and off to skip it, which on
+            # Python >= 3.12 costs every function the forward then runs a re-instrumentation.
+            with model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs):
+                pass
+        else:
+            with model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer:
+                for layer in visit:
+                    layer_output = envoys[layer].output
+                    hidden = _apply(model, writers.get(layer, ()), layer, layer_output, batch)
+                    if layer in read_layers:
+                        if reader is not None:
+                            reads[layer] = reader(layer, hidden, batch.on(hidden.device))
+                        else:
+                            # A later block may add to this in place (Falcon): keep a copy.
+                            reads[layer] = hidden.clone()
+                if logits_reader is not None:
+                    output_logits = model.nn.output.logits
+                    logits.append(logits_reader(output_logits, batch.on(output_logits.device)))
+                elif visit and not stop_held:
+                    tracer.stop()
     if held:
         if len(held_outputs) != len(held):
             raise RuntimeError(

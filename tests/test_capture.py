@@ -185,6 +185,19 @@ def test_token_budget_does_not_change_results(tiny_model):
     assert_close(budgeted, capture(tiny_model, TEXTS, batch_size=1).tensor, rel=1e-5)
 
 
+class _Fill:
+    """Sets every value of the residual stream at ``layer`` to ``value``."""
+
+    def __init__(self, layer: int, value: float) -> None:
+        self.layers, self.value = (layer,), value
+
+    def __call__(self, layer, hidden, batch):
+        hidden.fill_(self.value)
+
+    def fingerprint(self) -> str:
+        return f"fill-{self.layers}-{self.value}"
+
+
 class _NanInRowsWith:
     """Writes NaN at ``layer`` into every row whose tokens include ``token``."""
 
@@ -202,17 +215,17 @@ class _NanInRowsWith:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    ("staging_bytes", "landing_bytes"),
-    [(1 << 30, 64 << 20), (1 << 30, 1), (1, 1)],
-    ids=["lands-in-halving-steps", "lands-per-batch-on-a-thread", "buffer-reused-per-batch"],
+    ("staging_bytes", "landing_bytes", "steps"),
+    [(1 << 30, 64 << 20, [5, 1]), (1 << 30, 1, [1] * 6), (1, 1, [1] * 6)],
+    ids=["lands-before-the-last-batch", "lands-per-batch-on-a-thread", "buffer-reused-per-batch"],
 )
 def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
-    tiny_tokenizer, monkeypatch, staging_bytes, landing_bytes
+    tiny_tokenizer, monkeypatch, staging_bytes, landing_bytes, steps
 ):
-    """Batches staged in pinned memory on CUDA land in input order (in steps on the helper
-    thread, the last one a single batch; batch by batch, reusing the buffer or not; a single
-    batch in the calling thread): equal to the CPU capture of the same weights; a NaN is named
-    by its layers and input rows."""
+    """Batches staged in pinned memory on CUDA land in input order (on the helper thread in a
+    step before the last batch, then that batch; batch by batch, reusing the buffer or not; a
+    single batch in the calling thread): equal to the CPU capture of the same weights; a NaN is
+    named by its layers and input rows; finite values whose sum overflows are no error."""
     import mahals.activations
 
     from conftest import build_tiny
@@ -222,6 +235,9 @@ def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     model = build_tiny("llama", tiny_tokenizer)
     texts = [" ".join(["word"] * (1 + i % 7)) + f" text {i}" for i in range(23)]
     want = capture(model, texts, pool="mean", batch_size=4).tensor
+    huge = _Fill(1, 5e36)  # each batch's sum overflows float32: checked on the host, no error
+    want_huge = capture(model, texts, layers=[1], batch_size=4, interventions=[huge]).tensor
+    assert want_huge.min() == pytest.approx(5e36, rel=1e-6)
     model.hf.cuda()
     landed = []
     land = mahals.activations._Staging._land
@@ -233,7 +249,9 @@ def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     monkeypatch.setattr(mahals.activations._Staging, "_land", spy)
     got = capture(model, texts, pool="mean", batch_size=4).tensor
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert sum(landed) == 6 and landed[-1] == 1  # 23 texts in batches of 4
+    assert landed == steps  # batches a step: 23 texts in batches of 4
+    got_huge = capture(model, texts, layers=[1], batch_size=4, interventions=[huge]).tensor
+    torch.testing.assert_close(got_huge, want_huge, rtol=1e-4, atol=0)
     one_batch = capture(model, texts, pool="mean", batch_size=len(texts)).tensor
     torch.testing.assert_close(one_batch, want, rtol=1e-4, atol=1e-5)
     marked = [5, 17]

@@ -452,6 +452,36 @@ def test_a_trace_hands_off_only_the_modules_its_body_touches(tiny_tokenizer, mon
     torch.testing.assert_close(reads[0][0, :2], _hooked_states(model, PROMPTS[0])[0, :2].float())
 
 
+def test_a_capture_without_writes_leaves_sys_settrace_alone(tiny_model, monkeypatch):
+    """A trace whose reads are all held and that writes nothing has an empty body, which
+    nnsight runs in place: no ``sys.settrace`` hook (on Python >= 3.12 each one makes every
+    function the forward runs next re-instrument itself). A trace that writes has a body, and
+    nnsight skips it with the hook — the spy sees that. Both read what a plain forward does."""
+    import sys
+
+    calls = []
+    settrace = sys.settrace
+
+    def spy(function):
+        calls.append(function)
+        settrace(function)
+
+    texts = PROMPTS[:2]
+    want = [_hooked_states(tiny_model, text).float().mean(1) for text in texts]
+    monkeypatch.setattr(sys, "settrace", spy)
+    plain = capture(tiny_model, texts, batch_size=1).tensor
+    # Falcon's blocks add to their input in place: its layers are read in the body, not held
+    assert len(calls) == (2 * len(texts) if tiny_model.adapter.adds_in_place else 0)
+    calls.clear()
+    zero = AddDelta(1, torch.zeros(tiny_model.d_model))
+    written = capture(tiny_model, texts, batch_size=1, interventions=[zero]).tensor
+    assert len(calls) == 2 * len(texts)  # hook on, then off again, per trace
+    monkeypatch.undo()
+    for row, states in enumerate(want):
+        torch.testing.assert_close(plain[row], states, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(written[row], states, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_mean_pool_on_cuda_equals_a_float64_mean(tiny_tokenizer):
