@@ -5,7 +5,8 @@ launches) almost without pause, and the landing thread needs Python's lock for i
 steps. This emulates that without a GPU: 40 "batches" of pure-Python work on the main thread,
 each staging 4 rows; a landing step, handed to a one-thread pool after the batches named by a
 schedule, waits 0.5 ms (the CUDA event, lock released), reads one flag per staged batch and
-copies its rows into the result in input order, as ``mahals.activations._Staging._land`` does.
+copies its rows into the result in input order, as ``mahals.activations._Staging._land`` did
+in code h (code j reads one sum per step and copies with numpy: benchmarks/README.md, runs 24–27).
 Schedules (batch indices after which a step is handed off; the rest lands at the end):
 
 * ``f``: every 128 rows (``LANDING_BYTES`` at 512 KB a row), as session 7's code;

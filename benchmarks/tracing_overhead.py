@@ -5,7 +5,11 @@ batches once per round; rounds repeat ``--repeats`` times with the methods inter
 noisy spell on the host hits every method alike), and each row gives each method's best round
 (``ratio_to_decoder``), its median round (``median_ratio_to_decoder``) and the median over rounds
 of its ratio to the floor within the same round (``paired_ratio_to_decoder``: a spell that slows
-one round slows both sides of that round's ratio); ``round_seconds`` keeps every round:
+one round slows both sides of that round's ratio); ``round_seconds`` keeps every round, and
+``round_cpu_seconds`` / ``round_main_cpu_seconds`` the CPU time the process (all threads) /
+its main thread spent in it (a device synchronisation's spin included), paired with the floor's
+as wall times are (``paired_cpu_ratio_to_decoder``, ``paired_main_cpu_ratio_to_decoder``: the
+host work a method adds, less sensitive than wall time to the process waiting for a core):
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``decoder_again``  the floor again, as a method of its own (A/A: the host's spread)
@@ -28,6 +32,10 @@ one round slows both sides of that round's ratio); ``round_seconds`` keeps every
                      tokenising, batch planning and progress bar)
 * ``mahals_all``     per-call capture with ``instrument="all"`` (nnsight's default: every
                      module routed), timed after the others (it re-wraps the model)
+* ``decoder_settrace`` ``--settrace``: the floor with ``sys.settrace`` switched on (a no-op
+                     function) and off again before each batch, as nnsight does to skip the
+                     body of a trace that has one (on Python >= 3.12 every function run after
+                     the switch re-instruments itself once)
 
 Texts reach ``mahals`` as token-id lists on the host (as after tokenisation).
 ``--profile`` also writes cProfile's top functions of 20 small-batch captures (4 x 128).
@@ -65,23 +73,41 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def run_once(fn) -> float:
+def run_once(fn, cpu_seconds: list[tuple[float, float]] | None = None) -> float:
+    """Wall seconds of ``fn()`` between two device synchronisations; appends the CPU seconds
+    of the process (every thread) and of the calling thread over the same span to
+    ``cpu_seconds`` when given."""
     synchronize()
-    start = time.perf_counter()
+    start, process, thread = time.perf_counter(), time.process_time(), time.thread_time()
     fn()
     synchronize()
+    if cpu_seconds is not None:
+        cpu_seconds.append((time.process_time() - process, time.thread_time() - thread))
     return time.perf_counter() - start
 
 
-def rounds(methods: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each method's rounds; methods interleaved within every round."""
+def rounds(
+    methods: dict, repeats: int, cpu_seconds: dict[str, list[tuple[float, float]]] | None = None
+) -> dict[str, list[float]]:
+    """Seconds of each method's rounds; methods interleaved within every round. With
+    ``cpu_seconds``, each round's CPU seconds are added there under the method's name."""
     for fn in methods.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
-            times[name].append(run_once(fn))
+            cpu = None if cpu_seconds is None else cpu_seconds.setdefault(name, [])
+            times[name].append(run_once(fn, cpu))
     return times
+
+
+def paired_ratios(seconds: dict[str, list[float]]) -> dict[str, float]:
+    """Each method's median over rounds of the floor's seconds over its own in that round."""
+    floor = seconds["decoder"]
+    return {
+        name: round(statistics.median(f / t for f, t in zip(floor, value, strict=True)), 4)
+        for name, value in seconds.items()
+    }
 
 
 def hooked_pooling(decoder, layers):
@@ -142,6 +168,9 @@ def main() -> None:
         "--decompose", action="store_true", help="also time bare traces (see above)"
     )
     parser.add_argument(
+        "--settrace", action="store_true", help="also time the floor after sys.settrace switches"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)"
     )
     args = parser.parse_args()
@@ -173,12 +202,14 @@ def main() -> None:
     for batch, seq, n in shapes:
         batches = random_batches(batch, seq, n, device, generator)
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
-        times = rounds(methods, args.repeats)
-        floor = times["decoder"]
-        paired = {  # mahals_all is timed in rounds of its own: not paired with the floor
-            name: round(statistics.median(f / t for f, t in zip(floor, value, strict=True)), 4)
-            for name, value in times.items()
-        }
+        if args.settrace:
+            methods["decoder_settrace"] = settrace_floor(decoder, batches)
+        cpu: dict[str, list[tuple[float, float]]] = {}
+        times = rounds(methods, args.repeats, cpu)
+        process = {name: [round(p, 5) for p, _ in value] for name, value in cpu.items()}
+        main_thread = {name: [round(t, 5) for _, t in value] for name, value in cpu.items()}
+        # mahals_all is timed in rounds of its own, after these: not paired with the floor
+        paired = paired_ratios(times)
         # instrument="all" re-installs nnsight's controllers on the shared modules: time it
         # last, then wrap the model again with the default routing for the next shape.
         every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
@@ -202,7 +233,11 @@ def main() -> None:
                 k: round(v / medians["decoder"], 4) for k, v in medians.items()
             },
             "paired_ratio_to_decoder": paired,
+            "paired_cpu_ratio_to_decoder": paired_ratios(process),
+            "paired_main_cpu_ratio_to_decoder": paired_ratios(main_thread),
             "round_seconds": {k: [round(t, 5) for t in v] for k, v in times.items()},
+            "round_cpu_seconds": process,
+            "round_main_cpu_seconds": main_thread,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
         }
@@ -233,6 +268,19 @@ def main() -> None:
 def floor_forward(decoder, ids) -> None:
     with torch.inference_mode():
         decoder(input_ids=ids, use_cache=False)
+
+
+def settrace_floor(decoder, batches):
+    """The floor over ``batches``, switching ``sys.settrace`` on and off before each batch,
+    as nnsight's skip hook does once per trace whose body has code."""
+
+    def run():
+        for ids in batches:
+            sys.settrace(lambda *_args: None)
+            sys.settrace(None)
+            floor_forward(decoder, ids)
+
+    return run
 
 
 def per_call_capture(model, batches):
