@@ -316,11 +316,9 @@ def run_trace(
     held_outputs: list[Tensor] = []
     # Without padding the mask and positions are the defaults; leaving them out lets attention
     # take its causal fast path instead of building and applying an explicit mask.
-    inputs = (
-        {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
-        if batch.padded
-        else {}
-    )
+    call = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.padded:
+        call |= {"attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
     with (
         torch.inference_mode(),
         warnings.catch_warnings(),
@@ -332,10 +330,10 @@ def run_trace(
             # Nothing for the body to do. A body of only `pass` runs where it stands; any
             # other body makes nnsight switch sys.settrace on and off to skip it, which on
             # Python >= 3.12 costs every function the forward then runs a re-instrumentation.
-            with model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs):
+            with model.nn.trace(**call):
                 pass
         else:
-            with model.nn.trace(input_ids=batch.input_ids, use_cache=False, **inputs) as tracer:
+            with model.nn.trace(**call) as tracer:
                 for layer in visit:
                     layer_output = envoys[layer].output
                     hidden = _apply(model, writers.get(layer, ()), layer, layer_output, batch)
