@@ -239,17 +239,22 @@ def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     want_huge = capture(model, texts, layers=[1], batch_size=4, interventions=[huge]).tensor
     assert want_huge.min() == pytest.approx(5e36, rel=1e-6)
     model.hf.cuda()
-    landed = []
+    landed, zeroed, rows_landed = [], [], []
     land = mahals.activations._Staging._land
 
-    def spy(staging, segment, done):
+    def spy(staging, segment, done, touch=()):
         landed.append(len(segment))
-        land(staging, segment, done)
+        zeroed.append(sorted(touch))
+        rows_landed.append(sorted(row for _, rows, _ in segment for row in rows))
+        land(staging, segment, done, touch)
 
     monkeypatch.setattr(mahals.activations._Staging, "_land", spy)
     got = capture(model, texts, pool="mean", batch_size=4).tensor
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert landed == steps  # batches a step: 23 texts in batches of 4
+    # the step before the last batch zeroes exactly the rows that batch lands into, no other
+    assert zeroed[-2] == rows_landed[-1] and len(rows_landed[-1]) == 3
+    assert all(not rows for i, rows in enumerate(zeroed) if i != len(zeroed) - 2)
     got_huge = capture(model, texts, layers=[1], batch_size=4, interventions=[huge]).tensor
     torch.testing.assert_close(got_huge, want_huge, rtol=1e-4, atol=0)
     one_batch = capture(model, texts, pool="mean", batch_size=len(texts)).tensor
