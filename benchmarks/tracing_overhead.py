@@ -5,11 +5,14 @@ batches once per round; rounds repeat ``--repeats`` times with the methods inter
 noisy spell on the host hits every method alike), and each row gives each method's best round
 (``ratio_to_decoder``), its median round (``median_ratio_to_decoder``) and the median over rounds
 of its ratio to the floor within the same round (``paired_ratio_to_decoder``: a spell that slows
-one round slows both sides of that round's ratio); ``round_seconds`` keeps every round, and
-``round_cpu_seconds`` / ``round_main_cpu_seconds`` the CPU time the process (all threads) /
-its main thread spent in it (a device synchronisation's spin included), paired with the floor's
-as wall times are (``paired_cpu_ratio_to_decoder``, ``paired_main_cpu_ratio_to_decoder``: the
-host work a method adds, less sensitive than wall time to the process waiting for a core):
+one round slows both sides of that round's ratio), and with ``--methods decoder X
+decoder_again`` the median of its ratio to the mean of the two floors that bracket it
+(``bracketed_ratio_to_decoder``); ``round_seconds`` keeps every round, ``round_starts`` when
+each began (Unix seconds, to line rounds up with a clock log), and ``round_cpu_seconds`` /
+``round_main_cpu_seconds`` the CPU time the process (all threads) / its main thread spent in
+it (a device synchronisation's spin included), paired with the floor's as wall times are
+(``paired_cpu_ratio_to_decoder``, ``paired_main_cpu_ratio_to_decoder``: the host work a method
+adds, less sensitive than wall time to the process waiting for a core):
 
 * ``decoder``        ``model.model(input_ids, attention_mask, use_cache=False)``: the floor
 * ``decoder_again``  the floor again, as a method of its own (A/A: the host's spread)
@@ -87,16 +90,22 @@ def run_once(fn, cpu_seconds: list[tuple[float, float]] | None = None) -> float:
 
 
 def rounds(
-    methods: dict, repeats: int, cpu_seconds: dict[str, list[tuple[float, float]]] | None = None
+    methods: dict,
+    repeats: int,
+    cpu_seconds: dict[str, list[tuple[float, float]]] | None = None,
+    starts: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each method's rounds; methods interleaved within every round. With
-    ``cpu_seconds``, each round's CPU seconds are added there under the method's name."""
+    ``cpu_seconds``, each round's CPU seconds are added there under the method's name; with
+    ``starts``, the round's start (Unix seconds: to line rounds up with a clock log)."""
     for fn in methods.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, fn in methods.items():
             cpu = None if cpu_seconds is None else cpu_seconds.setdefault(name, [])
+            if starts is not None:
+                starts.setdefault(name, []).append(round(time.time(), 3))
             times[name].append(run_once(fn, cpu))
     return times
 
@@ -106,6 +115,22 @@ def paired_ratios(seconds: dict[str, list[float]]) -> dict[str, float]:
     floor = seconds["decoder"]
     return {
         name: round(statistics.median(f / t for f, t in zip(floor, value, strict=True)), 4)
+        for name, value in seconds.items()
+    }
+
+
+def bracketed_ratios(seconds: dict[str, list[float]]) -> dict[str, float] | None:
+    """With ``decoder_again`` timed: each method's median over rounds of the mean of the
+    floor's two timings in that round over its own. With ``--methods decoder X
+    decoder_again`` the two floors bracket X, so a host that speeds up or slows down
+    steadily across a round slows X as much as their mean."""
+    if "decoder_again" not in seconds:
+        return None
+    floors = [
+        (a + b) / 2 for a, b in zip(seconds["decoder"], seconds["decoder_again"], strict=True)
+    ]
+    return {
+        name: round(statistics.median(f / t for f, t in zip(floors, value, strict=True)), 4)
         for name, value in seconds.items()
     }
 
@@ -141,13 +166,16 @@ def random_batches(
     return [torch.randint(10, 200, (batch, seq), generator=generator).to(device) for _ in range(n)]
 
 
-def llama_8b_shape(device: torch.device, smoke: bool = False):
+def llama_8b_shape(device: torch.device, smoke: bool = False, narrow: bool = False):
     """The Llama-3.1-8B shape with random bf16 weights and sdpa on ``device``, in eval mode
-    (``smoke``: 6 tiny layers)."""
+    (``smoke``: 6 tiny layers; ``narrow``: its 32 layers, each 64 wide — the same host work
+    per forward with next to none on the device)."""
     config = SHAPES["llama"]()
-    if smoke:
-        config.num_hidden_layers, config.hidden_size, config.intermediate_size = 6, 64, 128
+    if smoke or narrow:
+        config.hidden_size, config.intermediate_size = 64, 128
         config.num_attention_heads, config.num_key_value_heads, config.vocab_size = 4, 2, 256
+    if smoke:
+        config.num_hidden_layers = 6
     with device:
         hf = transformers.AutoModelForCausalLM.from_config(
             config, dtype=torch.bfloat16, attn_implementation="sdpa"
@@ -173,9 +201,19 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="a 2-layer model on the CPU (checks the script runs)"
     )
+    parser.add_argument(
+        "--narrow",
+        action="store_true",
+        help="32 layers 64 wide on the GPU: what each method costs the host alone",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="time only these methods, in this order each round (with decoder; see bracketed)",
+    )
     args = parser.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
-    hf = llama_8b_shape(device, smoke=args.smoke)
+    hf = llama_8b_shape(device, smoke=args.smoke, narrow=args.narrow)
     tokenizer = word_tokenizer()
     model = load_model(hf, tokenizer=tokenizer, verbose=False)
     decoder = hf.get_decoder()
@@ -195,6 +233,7 @@ def main() -> None:
             pool="last",
             n_samples=1,
         )
+    shape_name = "tiny" if args.smoke else "llama-3.1-8b" + ("-narrow" if args.narrow else "")
     card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
     shapes = [(4, 16, 2)] if args.smoke else SHAPES_TO_TIME
     if args.shapes:
@@ -204,17 +243,24 @@ def main() -> None:
         methods = shape_methods(model, decoder, layers, batches, vector, args.decompose, device)
         if args.settrace:
             methods["decoder_settrace"] = settrace_floor(decoder, batches)
+        if args.methods:
+            unknown = set(args.methods) - set(methods) - {"mahals_all"}
+            if unknown or "decoder" not in args.methods:
+                parser.error(f"--methods: {sorted(unknown)} unknown, or no decoder")
+            methods = {name: methods[name] for name in args.methods if name != "mahals_all"}
         cpu: dict[str, list[tuple[float, float]]] = {}
-        times = rounds(methods, args.repeats, cpu)
+        starts: dict[str, list[float]] = {}
+        times = rounds(methods, args.repeats, cpu, starts)
         process = {name: [round(p, 5) for p, _ in value] for name, value in cpu.items()}
         main_thread = {name: [round(t, 5) for _, t in value] for name, value in cpu.items()}
         # mahals_all is timed in rounds of its own, after these: not paired with the floor
         paired = paired_ratios(times)
-        # instrument="all" re-installs nnsight's controllers on the shared modules: time it
-        # last, then wrap the model again with the default routing for the next shape.
-        every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
-        times |= rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
-        model = load_model(hf, tokenizer=tokenizer, verbose=False)
+        if not args.methods or "mahals_all" in args.methods:
+            # instrument="all" re-installs nnsight's controllers on the shared modules: time it
+            # last, then wrap the model again with the default routing for the next shape.
+            every_module = load_model(hf, tokenizer=tokenizer, instrument="all", verbose=False)
+            times |= rounds({"mahals_all": per_call_capture(every_module, batches)}, args.repeats)
+            model = load_model(hf, tokenizer=tokenizer, verbose=False)
         results = {name: batch * seq * n / min(value) for name, value in times.items()}
         medians = {
             name: batch * seq * n / statistics.median(value) for name, value in times.items()
@@ -222,7 +268,7 @@ def main() -> None:
         row = {
             "date": datetime.date.today().isoformat(),
             "card": card,
-            "shape": "llama-3.1-8b" if not args.smoke else "tiny",
+            "shape": shape_name,
             "batch": batch,
             "seq": seq,
             "batches": n,
@@ -233,9 +279,11 @@ def main() -> None:
                 k: round(v / medians["decoder"], 4) for k, v in medians.items()
             },
             "paired_ratio_to_decoder": paired,
+            "bracketed_ratio_to_decoder": bracketed_ratios(times),
             "paired_cpu_ratio_to_decoder": paired_ratios(process),
             "paired_main_cpu_ratio_to_decoder": paired_ratios(main_thread),
             "round_seconds": {k: [round(t, 5) for t in v] for k, v in times.items()},
+            "round_starts": starts,
             "round_cpu_seconds": process,
             "round_main_cpu_seconds": main_thread,
             "torch": torch.__version__,
