@@ -612,11 +612,10 @@ class _Staging:
 
 
 def _zero_rows(out: Tensor, rows: Sequence[int]) -> None:
-    """Write zeros into ``rows`` of ``out`` (host memory): the first write to a page of a
-    fresh result faults it in (a 16 × 256 batch's 8 MB of rows: ≈ 5 ms into fresh pages,
-    ≈ 1 ms into written ones, on the development host), so a step that lands while the GPU
-    still works takes that cost off the landing that waits for the GPU. numpy, as in
-    :meth:`_Staging._land`: one thread, Python's lock released."""
+    """Write zeros into ``rows`` of ``out`` (host memory). The first write to a page of a
+    fresh result faults it in, which made up most of the landing that runs after the GPU is
+    done (a 16 × 256 batch: 6.7 ms before, 2.3 ms once its rows are zeroed beforehand, H200
+    host). numpy, as in :meth:`_Staging._land`: one thread, Python's lock released."""
     if rows:
         out.numpy()[list(rows)] = 0
 
