@@ -23,7 +23,6 @@ Usage (GPU): python benchmarks/capture_host_pieces.py rows.jsonl [cuda] [ROUNDS]
 import json
 import statistics
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -32,100 +31,105 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from shapes import word_tokenizer  # noqa: E402
-from tracing_overhead import llama_8b_shape, random_batches, synchronize  # noqa: E402
+from tracing_overhead import bracketed_ratios, llama_8b_shape, random_batches, rounds  # noqa: E402
 
 from mahals.activations import capture, pooling_reader  # noqa: E402
 from mahals.models import load_model  # noqa: E402
 from mahals.tracing import Batch, _handing_off_only, _holding, _read_held, run_trace  # noqa: E402
 
-dev = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda")
-hf = llama_8b_shape(dev, narrow=True)
-model = load_model(hf, tokenizer=word_tokenizer(), verbose=False)
-dec = hf.get_decoder()
-batches = random_batches(4, 128, 40, dev, torch.Generator().manual_seed(0))
-padded = [Batch.pad(ids.tolist(), pad_id=0, side="right", device=dev) for ids in batches]
-rows = [r for ids in batches for r in ids.tolist()]
-reader = pooling_reader("mean")
-L = list(range(32))
+N_BATCHES = 40
 
 
-def floor():
-    for ids in batches:
-        with torch.inference_mode():
-            dec(input_ids=ids, use_cache=False)
+def pieces(device: torch.device) -> dict:
+    """The timed methods (see the module notes), each over the same batches."""
+    hf = llama_8b_shape(device, narrow=True)
+    model = load_model(hf, tokenizer=word_tokenizer(), verbose=False)
+    dec = hf.get_decoder()
+    batches = random_batches(4, 128, N_BATCHES, device, torch.Generator().manual_seed(0))
+    padded = [Batch.pad(ids.tolist(), pad_id=0, side="right", device=device) for ids in batches]
+    rows = [r for ids in batches for r in ids.tolist()]
+    reader = pooling_reader("mean")
+    layers = list(range(hf.config.num_hidden_layers))
 
+    def floor():
+        for ids in batches:
+            with torch.inference_mode():
+                dec(input_ids=ids, use_cache=False)
 
-def floor_warn():
-    for ids in batches:
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dec(input_ids=ids, use_cache=False)
+    def floor_warn():
+        for ids in batches:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                dec(input_ids=ids, use_cache=False)
 
+    def floor_greenlet():
+        for ids in batches:
+            with torch.inference_mode():
+                greenlet.greenlet(lambda: dec(input_ids=ids, use_cache=False)).switch()  # noqa: B023
 
-def floor_greenlet():
-    for ids in batches:
-        with torch.inference_mode():
-            greenlet.greenlet(lambda: dec(input_ids=ids, use_cache=False)).switch()  # noqa: B023
+    def envelope():
+        for ids in batches:
+            with torch.inference_mode(), _handing_off_only(model, []):  # noqa: SIM117
+                # the trace in a with of its own: nnsight reads the body of the block it opens
+                with model.nn.trace(input_ids=ids, use_cache=False):
+                    pass
 
+    def direct_hold():
+        for batch in padded:
+            outs = []
+            with torch.inference_mode(), _holding(model, layers, outs, stop_after_last=False):
+                dec(input_ids=batch.input_ids, use_cache=False)
+                _read_held(reader, layers, outs, batch)
 
-def envelope():
-    for ids in batches:
-        with torch.inference_mode(), _handing_off_only(model, []):  # noqa: SIM117
-            # the trace in a with of its own: nnsight reads the body of the block it opens
-            with model.nn.trace(input_ids=ids, use_cache=False):
-                pass
+    def run_traces():
+        for batch in padded:
+            run_trace(model, batch, read_layers=layers, reader=reader, interventions=())
 
+    def stream():
+        capture(model, rows, pool="mean", batch_size=4, progress=False)
 
-def direct_hold():
-    for b in padded:
-        outs = []
-        with torch.inference_mode(), _holding(model, L, outs, stop_after_last=False):
-            dec(input_ids=b.input_ids, use_cache=False)
-            _read_held(reader, L, outs, b)
-
-
-def run_traces():
-    for b in padded:
-        run_trace(model, b, read_layers=L, reader=reader, interventions=())
-
-
-def stream():
-    capture(model, rows, pool="mean", batch_size=4, progress=False)
-
-
-methods = dict(
-    floor=floor,
-    floor_warn=floor_warn,
-    floor_greenlet=floor_greenlet,
-    envelope=envelope,
-    direct_hold=direct_hold,
-    run_trace=run_traces,
-    stream=stream,
-    floor_again=floor,
-)
-for f in methods.values():
-    f()
-R = int(sys.argv[3]) if len(sys.argv) > 3 else 21
-t = {k: [] for k in methods}
-for _ in range(R):
-    for k, f in methods.items():
-        synchronize()
-        s = time.perf_counter()
-        f()
-        synchronize()
-        t[k].append(time.perf_counter() - s)
-fl = [(a + b) / 2 for a, b in zip(t["floor"], t["floor_again"], strict=True)]
-res = {
-    k: {
-        "median_ms_per_batch": round(statistics.median(v) / 40 * 1e3, 3),
-        "bracketed_extra_ms_per_batch": round(
-            statistics.median((x - f) / 40 * 1e3 for x, f in zip(v, fl, strict=True)), 3
-        ),
-        "bracketed_ratio": round(statistics.median(f / x for x, f in zip(v, fl, strict=True)), 4),
+    return {
+        "floor": floor,
+        "floor_warn": floor_warn,
+        "floor_greenlet": floor_greenlet,
+        "envelope": envelope,
+        "direct_hold": direct_hold,
+        "run_trace": run_traces,
+        "stream": stream,
+        "floor_again": floor,
     }
-    for k, v in t.items()
-}
-for k, v in res.items():
-    print(f"{k:15s} {v}")
-record = {"rounds": R, "results": res, "round_seconds": t, "python": sys.version}
-Path(sys.argv[1]).write_text(json.dumps(record) + "\n")
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    device = torch.device(sys.argv[2] if len(sys.argv) > 2 else "cuda")
+    repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 21
+    seconds = rounds(pieces(device), repeats)
+    ratios = bracketed_ratios(seconds, "floor", "floor_again")
+    floors = [(a + b) / 2 for a, b in zip(seconds["floor"], seconds["floor_again"], strict=True)]
+    results = {
+        name: {
+            "median_ms_per_batch": round(statistics.median(value) / N_BATCHES * 1e3, 3),
+            "bracketed_extra_ms_per_batch": round(
+                statistics.median(
+                    (t - f) / N_BATCHES * 1e3 for t, f in zip(value, floors, strict=True)
+                ),
+                3,
+            ),
+            "bracketed_ratio": ratios[name],
+        }
+        for name, value in seconds.items()
+    }
+    for name, value in results.items():
+        print(f"{name:15s} {value}")
+    record = {
+        "rounds": repeats,
+        "results": results,
+        "round_seconds": seconds,
+        "python": sys.version,
+    }
+    out.write_text(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -119,16 +119,16 @@ def paired_ratios(seconds: dict[str, list[float]]) -> dict[str, float]:
     }
 
 
-def bracketed_ratios(seconds: dict[str, list[float]]) -> dict[str, float] | None:
-    """With ``decoder_again`` timed: each method's median over rounds of the mean of the
-    floor's two timings in that round over its own. With ``--methods decoder X
+def bracketed_ratios(
+    seconds: dict[str, list[float]], first: str = "decoder", last: str = "decoder_again"
+) -> dict[str, float] | None:
+    """With the floor timed twice (``first``, ``last``): each method's median over rounds of
+    the mean of the floor's two timings in that round over its own. With ``--methods decoder X
     decoder_again`` the two floors bracket X, so a host that speeds up or slows down
     steadily across a round slows X as much as their mean."""
-    if "decoder_again" not in seconds:
+    if last not in seconds:
         return None
-    floors = [
-        (a + b) / 2 for a, b in zip(seconds["decoder"], seconds["decoder_again"], strict=True)
-    ]
+    floors = [(a + b) / 2 for a, b in zip(seconds[first], seconds[last], strict=True)]
     return {
         name: round(statistics.median(f / t for f, t in zip(floors, value, strict=True)), 4)
         for name, value in seconds.items()
@@ -245,8 +245,10 @@ def main() -> None:
             methods["decoder_settrace"] = settrace_floor(decoder, batches)
         if args.methods:
             unknown = set(args.methods) - set(methods) - {"mahals_all"}
-            if unknown or "decoder" not in args.methods:
-                parser.error(f"--methods: {sorted(unknown)} unknown, or no decoder")
+            if unknown:
+                parser.error(f"--methods: unknown {sorted(unknown)}; known: {sorted(methods)}")
+            if "decoder" not in args.methods:
+                parser.error("--methods needs decoder: every ratio is to the floor")
             methods = {name: methods[name] for name in args.methods if name != "mahals_all"}
         cpu: dict[str, list[tuple[float, float]]] = {}
         starts: dict[str, list[float]] = {}

@@ -242,11 +242,11 @@ def test_cuda_capture_equals_cpu_capture_and_names_non_finite_rows(
     landed, zeroed, rows_landed = [], [], []
     land = mahals.activations._Staging._land
 
-    def spy(staging, segment, done, touch=()):
+    def spy(staging, segment, done, zero_first=()):
         landed.append(len(segment))
-        zeroed.append(sorted(touch))
+        zeroed.append(sorted(zero_first))
         rows_landed.append(sorted(row for _, rows, _ in segment for row in rows))
-        land(staging, segment, done, touch)
+        land(staging, segment, done, zero_first)
 
     monkeypatch.setattr(mahals.activations._Staging, "_land", spy)
     got = capture(model, texts, pool="mean", batch_size=4).tensor
