@@ -633,9 +633,12 @@ def load_model(
     hf_model.eval()
     adapter = adapter_for(hf_model)
     aliases = {adapter.layers: "layers", adapter.final_norm: "final_norm", adapter.embed: "embed"}
+    # nnsight wraps the model in a transformers pipeline, which moves a model without a device
+    # map to the pipeline's device, the first GPU unless told: tell it where the model is
+    stay = {} if hasattr(hf_model, "hf_device_map") else {"device": _first_device(hf_model)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        wrapped = _TracedModel(hf_model, tokenizer=tokenizer, rename=aliases)
+        wrapped = _TracedModel(hf_model, tokenizer=tokenizer, rename=aliases, **stay)
     if instrument == "residual":
         _route_residual_only(adapter.decoder_layers(hf_model))
     elif instrument != "all":
@@ -645,6 +648,12 @@ def load_model(
     if verbose and line:
         logger.info(line)
     return model
+
+
+def _first_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (the CPU for a module without any)."""
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _dispatch(hf_model: PreTrainedModel, device_map: str | dict) -> PreTrainedModel:

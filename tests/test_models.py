@@ -139,6 +139,21 @@ def test_dtype_defaults_to_fp32_on_cpu(tiny_tokenizer):
     assert model.dtype == torch.float32 and model.device.type == "cpu"
 
 
+def test_a_built_model_stays_where_it_is_when_a_gpu_is_visible(tiny_tokenizer, monkeypatch):
+    """nnsight wraps a built model in a transformers pipeline, whose default device is the
+    first GPU when one is visible: the model must stay on the device it was given (or was
+    asked to move to) all the same. With a GPU made to look visible, a pipeline that moved it
+    would fail here (this torch has no CUDA) or leave it elsewhere."""
+    import transformers.pipelines.base as pipelines
+
+    monkeypatch.setattr(pipelines, "is_torch_cuda_available", lambda: True)
+    for device in (None, "cpu"):
+        hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+        model = load_model(hf, tokenizer=tiny_tokenizer, device=device)
+        assert model.device == torch.device("cpu")
+        assert {p.device.type for p in hf.parameters()} == {"cpu"}
+
+
 class _Block(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
