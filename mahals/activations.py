@@ -23,11 +23,16 @@ How the work is arranged, and why:
   in input order. Per-batch host work — waiting for a copy, checking it, moving its rows, or handing
   each batch to a helper thread (≈ 2.4 ms of the main thread per 4 × 128 batch on an H200,
   12 % of the decoder's own time at that size) — holds up the next forward when the host is
-  the bottleneck, as at small batches.
+  the bottleneck, as at small batches;
+* the result is allocated on transparent huge pages where Linux offers them
+  (:func:`host_result`): landing into a fresh result of 4 KB pages faults in every 4 KB,
+  which at 4 x 128 cost as much as the rest of the capture's host work.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +46,7 @@ from tqdm.auto import tqdm
 
 from mahals.layers import select_layers
 from mahals.models import MahalsModel
-from mahals.tracing import Batch, Intervention, LayerReader, run_trace
+from mahals.tracing import Batch, Intervention, LayerReader, LayerReads, run_trace
 
 __all__ = [
     "Activations",
@@ -50,6 +55,7 @@ __all__ = [
     "tokenize",
     "plan_batches",
     "pooling_reader",
+    "host_result",
     "POOLS",
     "SINK_RULES",
 ]
@@ -320,8 +326,10 @@ class _PoolingReader:
         if self.pool != "mean":
             self._rows = torch.arange(batch.size, device=hidden.device)
         if self.pool == "mean" and self.sinks != "norm":
+            # the 0/1 mask converts exactly to any dtype, and its integer counts divide as
+            # float32 ones do
             mask = (
-                batch.token_mask()
+                batch.attention_mask
                 if self.sinks == "none"
                 else _sink_free_mask(hidden, batch, self.sinks, self.norm_ratio)
             )
@@ -355,7 +363,7 @@ class _PoolingReader:
         else:
             index = batch.last if self.pool == "last" else batch.first
             pooled = stacked[self._rows, index].float()  # [batch, layers, d]
-        return list(pooled.unbind(1))
+        return LayerReads.of(pooled)
 
 
 def capture(
@@ -447,7 +455,7 @@ def capture(
                 per_text[index] = stacked[row][:, real].float().cpu()
         return TokenActivations(per_text, sequences, layer_ids, model.name)
 
-    out = torch.empty((len(sequences), len(layer_ids), model.d_model), dtype=torch.float32)
+    out = host_result((len(sequences), len(layer_ids), model.d_model))
     with (
         _Staging(out, batches, device, model, layer_ids) as staging,
         tqdm(
@@ -465,9 +473,42 @@ def capture(
     return Activations(out, layer_ids, pool, n_tokens, model.name, model.n_layers, sinks)
 
 
+HUGE_PAGE_BYTES = 2 << 20
+"""Size of a transparent huge page on x86-64 Linux (and arm64 with 4 KB pages): the alignment
+a large result gets."""
+
+
+def host_result(shape: Sequence[int]) -> Float[Tensor, "..."]:
+    """A float32 CPU tensor of ``shape`` for results that arrive over many batches.
+
+    On Linux a result of at least :data:`HUGE_PAGE_BYTES` is an anonymous mapping the kernel
+    is asked to back with transparent huge pages (``madvise(MADV_HUGEPAGE)``; honoured unless
+    ``/sys/kernel/mm/transparent_hugepage/enabled`` says ``never``): writing it then faults in
+    one 2 MB page at a time instead of 512 pages of 4 KB, and freeing it unmaps as many fewer.
+    Allocating, writing and freeing the 84 MB result of a 4 x 128 x 40 capture took 37-54 ms
+    on 4 KB pages and 14 ms on huge pages (an H200 host): as long as two or three of its
+    forward passes of an 8B model. Elsewhere, or smaller: ``torch.empty``. Either way the
+    contents start undefined, as ``torch.empty``'s; callers write every element.
+    """
+    n_bytes = math.prod(shape) * 4
+    if n_bytes < HUGE_PAGE_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(tuple(shape), dtype=torch.float32)
+    # private: a shared anonymous mapping is shared memory, whose huge pages follow another
+    # setting (shmem_enabled, often "never")
+    mapping = mmap.mmap(-1, n_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    mapping.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
+    start = -raw.data_ptr() % HUGE_PAGE_BYTES  # the first huge-page boundary inside it
+    return raw[start : start + n_bytes].view(torch.float32).view(tuple(shape))
+
+
 def _stack_on(reads: Sequence[Tensor], device: torch.device) -> Tensor:
     """Per-layer reads stacked on ``device`` along dim 1 (a model split across GPUs reads each
-    layer on that layer's GPU)."""
+    layer on that layer's GPU); the reads' own stacked tensor when they carry one
+    (:class:`mahals.tracing.LayerReads`)."""
+    stacked = getattr(reads, "stacked", None)  # LayerReads
+    if stacked is not None and stacked.device == device:
+        return stacked
     if all(read.device == device for read in reads):
         return torch.stack(list(reads), dim=1)
     return torch.stack([read.to(device, non_blocking=True) for read in reads], dim=1)
@@ -546,9 +587,9 @@ class _Staging:
             while self.landing:
                 self.landing.popleft().result()
             self.used = 0
-        with torch.cuda.device(pooled.device):
-            torch.sum(pooled, dim=(0, 1, 2), dtype=self.sums.dtype, out=self.sums[index])
-            self.buffer[self.used : self.used + len(rows)].copy_(pooled, non_blocking=True)
+        # on pooled's device and its current stream (each op's own device guard)
+        torch.sum(pooled, dim=(0, 1, 2), dtype=self.sums.dtype, out=self.sums[index])
+        self.buffer[self.used : self.used + len(rows)].copy_(pooled, non_blocking=True)
         self.segment.append((index, rows, self.used))
         self.used += len(rows)
         # a step every landing_rows rows, and one before the last batch: what lands after the

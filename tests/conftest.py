@@ -110,6 +110,20 @@ def build_tiny(architecture: str, tokenizer, seed: int = 0):
     return load_model(hf, tokenizer=tokenizer, device="cpu")
 
 
+class WritesNothing:
+    """An intervention at ``layer`` that writes nothing (returns ``None``, edits nothing): the
+    layer is then visited in a trace body instead of held."""
+
+    def __init__(self, layer: int) -> None:
+        self.layers = (layer,)
+
+    def __call__(self, layer, hidden, batch) -> None:
+        return None
+
+    def fingerprint(self) -> str:
+        return "writes-nothing"
+
+
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def tiny_model(request, tiny_tokenizer):
     return build_tiny(request.param, tiny_tokenizer)

@@ -8,8 +8,10 @@ import re
 import pytest
 import torch
 
-from mahals.activations import capture
+from mahals.activations import HUGE_PAGE_BYTES, _stack_on, capture, host_result
 from mahals.arch import ADAPTERS, check_adapter
+
+from conftest import WritesNothing
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -183,6 +185,75 @@ def test_batch_plan_sorts_by_length_and_respects_both_caps():
 def test_token_budget_does_not_change_results(tiny_model):
     budgeted = capture(tiny_model, TEXTS, batch_size=8, max_batch_tokens=60).tensor
     assert_close(budgeted, capture(tiny_model, TEXTS, batch_size=1).tensor, rel=1e-5)
+
+
+def _huge_page_kb(address: int) -> int:
+    """``AnonHugePages`` of the mapping of this process that holds ``address`` (kB)."""
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            span = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if span:
+                inside = int(span[1], 16) <= address < int(span[2], 16)
+            elif inside and line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+def _transparent_huge_pages() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as setting:
+            return "[never]" not in setting.read()
+    except OSError:
+        return False
+
+
+def test_a_large_result_lives_on_huge_pages_and_outlives_its_mapping_object():
+    """A result of at least one huge page is float32, contiguous, zeroed, starts on a huge-page
+    boundary and is backed by huge pages once written (where the kernel offers them); it keeps
+    its memory after every other reference to it is gone. A smaller one is a plain tensor."""
+    import gc
+
+    shape = (40, 4, 8192)  # 5 MiB: two whole huge pages and a part
+    result = host_result(shape)
+    assert result.shape == shape and result.dtype == torch.float32 and result.is_contiguous()
+    assert result.data_ptr() % HUGE_PAGE_BYTES == 0
+    assert not result.any()
+    numbers = torch.arange(result.numel(), dtype=torch.float32).view(shape)
+    result.numpy()[:] = numbers.numpy()
+    gc.collect()
+    assert torch.equal(result, numbers)
+    if _transparent_huge_pages():
+        assert _huge_page_kb(result.data_ptr()) >= HUGE_PAGE_BYTES // 1024
+    small = host_result((3, 2, 4))
+    assert small.shape == (3, 2, 4) and small.dtype == torch.float32
+
+
+def test_held_reads_come_stacked_once(tiny_model):
+    """Reads that one reduction made (every read layer held) carry that stacked tensor, which
+    the capture takes as it is; reads made layer by layer (a writer puts one in a trace body)
+    carry none and are stacked."""
+    from mahals.activations import pooling_reader
+    from mahals.tracing import Batch, run_trace
+
+    ids = [tiny_model.tokenizer(text)["input_ids"] for text in TEXTS[:3]]
+    batch = Batch.pad(ids, pad_id=0, device=tiny_model.device)
+    layers = list(range(tiny_model.n_layers))
+    reader = pooling_reader("mean")
+    reads, _ = run_trace(tiny_model, batch, read_layers=layers, reader=reader, interventions=())
+    body_read, _ = run_trace(
+        tiny_model, batch, read_layers=layers, reader=reader,
+        interventions=[WritesNothing(1)],
+    )  # fmt: skip
+    if tiny_model.adapter.adds_in_place:  # Falcon: no layer is held
+        assert reads.stacked is None
+    else:
+        assert reads.stacked is not None
+        assert _stack_on(reads, batch.device) is reads.stacked
+    assert body_read.stacked is None
+    for got in (reads, body_read):
+        torch.testing.assert_close(_stack_on(got, batch.device), torch.stack(list(got), 1))
+    torch.testing.assert_close(_stack_on(reads, batch.device), _stack_on(body_read, batch.device))
 
 
 class _Fill:

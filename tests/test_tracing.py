@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 
-from mahals.activations import capture
+from mahals.activations import capture, pooling_reader
 from mahals.models import load_model
 from mahals.registry import RegistryError, load_registry
 from mahals.tracing import Batch, generate, interventions_fingerprint, run_trace
 
-from conftest import build_tiny, tiny_config
+from conftest import WritesNothing, build_tiny, tiny_config
 
 PROMPTS = ["Hello there", "Why is the sky blue?", "A"]
 
@@ -453,10 +453,10 @@ def test_a_trace_hands_off_only_the_modules_its_body_touches(tiny_tokenizer, mon
 
 
 def test_a_capture_without_writes_leaves_sys_settrace_alone(tiny_model, monkeypatch):
-    """A trace whose reads are all held and that writes nothing has an empty body, which
-    nnsight runs in place: no ``sys.settrace`` hook (on Python >= 3.12 each one makes every
-    function the forward runs next re-instrument itself). A trace that writes has a body, and
-    nnsight skips it with the hook — the spy sees that. Both read what a plain forward does."""
+    """A trace whose reads are all held and that writes nothing runs untraced: no
+    ``sys.settrace`` hook (on Python >= 3.12 each one makes every function the forward runs
+    next re-instrument itself). A trace that writes has a body, and nnsight skips it with the
+    hook — the spy sees that. Both read what a plain forward does."""
     import sys
 
     calls = []
@@ -480,6 +480,49 @@ def test_a_capture_without_writes_leaves_sys_settrace_alone(tiny_model, monkeypa
     for row, states in enumerate(want):
         torch.testing.assert_close(plain[row], states, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(written[row], states, rtol=1e-4, atol=1e-5)
+
+
+def test_a_trace_with_nothing_for_its_body_runs_without_nnsight(tiny_model, monkeypatch):
+    """Held reads with nothing written in a body and no logits run the forward without an
+    nnsight trace, and read bit for bit what the same reads through a trace do (a writer that
+    writes nothing at the last layer puts that layer in a trace body). A forward that fails
+    leaves every layer's nnsight body as it was."""
+    from nnsight.intervention.envoy import Envoy
+
+    traces = []
+    trace = Envoy.trace
+
+    def spy(self, *args, **kwargs):
+        traces.append(self)
+        return trace(self, *args, **kwargs)
+
+    monkeypatch.setattr(Envoy, "trace", spy)
+    last = tiny_model.n_layers - 1
+    untraced = capture(tiny_model, PROMPTS, pool="mean", padding_side="left").tensor
+    # Falcon's blocks add to their input in place: its layers are read in a trace body
+    assert len(traces) == (1 if tiny_model.adapter.adds_in_place else 0)
+    traces.clear()
+    traced = capture(
+        tiny_model, PROMPTS, pool="mean", padding_side="left", interventions=[WritesNothing(last)]
+    ).tensor
+    assert len(traces) == 1
+    torch.testing.assert_close(untraced, traced, rtol=0, atol=0)
+    want = [_hooked_states(tiny_model, text).float().mean(1) for text in PROMPTS]
+    for row, states in enumerate(want):
+        torch.testing.assert_close(untraced[row], states, rtol=1e-4, atol=1e-5)
+    layer_class = type(tiny_model.adapter.decoder_layers(tiny_model.hf)[0])
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("embedding failed")
+
+    monkeypatch.setattr(torch.nn.functional, "embedding", fails)
+    batch = Batch.pad(_ids(tiny_model, PROMPTS), pad_id=1, device=tiny_model.device)
+    with pytest.raises(RuntimeError, match="embedding failed"):
+        run_trace(
+            tiny_model, batch, read_layers=[0, last], reader=pooling_reader("mean"),
+            interventions=(),
+        )  # fmt: skip
+    assert all(state.body is layer_class.forward for state in tiny_model.layer_states())
 
 
 @pytest.mark.cuda
