@@ -26,6 +26,9 @@ adds, less sensitive than wall time to the process waiting for a core):
                      at all positions
 * ``stream_switch``  ``--decompose``: ``mahals_stream`` with ``tracing.HOLD_BYTES = 0``, so
                      every layer is read through its own switch into the trace body
+* ``stream_traced``  ``--decompose``: ``mahals_stream`` with a writer that writes nothing at the
+                     last layer, which puts that layer in a trace body: each batch runs
+                     inside an nnsight trace (where pure held reads run untraced)
 * ``trace_last``     ``--decompose``: a bare ``run_trace`` reading only the last layer (held:
                      an empty trace body), one synchronisation per batch (the per-trace cost)
 * ``trace_pool``     ``--decompose``: the streamed capture's main-thread work without its
@@ -382,6 +385,23 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
             finally:
                 tracing.HOLD_BYTES = saved
 
+        last_layer = len(layers) - 1
+
+        class WritesNothing:
+            layers = (last_layer,)
+
+            def __call__(self, layer, hidden, batch):
+                return None
+
+            def fingerprint(self) -> str:
+                return "writes-nothing"
+
+        def stream_traced():
+            capture(
+                model, every_text, pool="mean", batch_size=size, progress=False,
+                interventions=[WritesNothing()],
+            )  # fmt: skip
+
         def trace_last():
             for ids in host_batches:
                 batch = tracing.Batch.pad(ids, pad_id=0, device=device)
@@ -421,6 +441,7 @@ def shape_methods(model, decoder, layers, batches, vector, decompose: bool, devi
             return run
 
         methods["stream_switch"] = stream_switch
+        methods["stream_traced"] = stream_traced
         methods["trace_last"] = trace_last
         methods["trace_pool"] = trace_pool(stage=False)
         methods["trace_pool_stage"] = trace_pool(stage=True)
