@@ -36,6 +36,7 @@ import mmap
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Literal
 
@@ -496,7 +497,8 @@ def host_result(shape: Sequence[int]) -> Float[Tensor, "..."]:
     # private: a shared anonymous mapping is shared memory, whose huge pages follow another
     # setting (shmem_enabled, often "never")
     mapping = mmap.mmap(-1, n_bytes + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_HUGEPAGE)
+    with suppress(OSError):  # a kernel built without transparent huge pages refuses the advice
+        mapping.madvise(mmap.MADV_HUGEPAGE)
     raw = torch.frombuffer(mapping, dtype=torch.uint8)  # keeps the mapping alive
     start = -raw.data_ptr() % HUGE_PAGE_BYTES  # the first huge-page boundary inside it
     return raw[start : start + n_bytes].view(torch.float32).view(tuple(shape))
