@@ -30,7 +30,7 @@ adds, less sensitive than wall time to the process waiting for a core):
                      last layer, which puts that layer in a trace body: each batch runs
                      inside an nnsight trace (where pure held reads run untraced)
 * ``trace_last``     ``--decompose``: a bare ``run_trace`` reading only the last layer (held:
-                     an empty trace body), one synchronisation per batch (the per-trace cost)
+                     untraced), one synchronisation per batch (the per-trace cost)
 * ``trace_pool``     ``--decompose``: the streamed capture's main-thread work without its
                      host copies: pad, ``run_trace`` pooling every layer, no synchronisation
 * ``trace_pool_stage`` the same, also staging each batch's copy to pinned host memory and

@@ -141,7 +141,7 @@ class MahalsModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf.parameters()).device
+        return _first_device(self.hf)
 
     @property
     def dtype(self) -> torch.dtype:
